@@ -1,0 +1,4 @@
+"""Attacks that rebuild the input from a cut's activation. Importing this package registers them."""
+
+from attacks import decoder  # noqa: F401  (registers "decoder")
+from attacks.base import ATTACKS, AttackContext, FitReport, make_attack, register_attack  # noqa: F401

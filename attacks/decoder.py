@@ -1,0 +1,233 @@
+"""The black-box inverse-network (decoder) attack of He, Zhang and Lee, "Model inversion attacks
+against collaborative inference" (ACSAC 2019), section 4.2.
+
+The attacker queries the head with its own auxiliary data, collects (activation, input) pairs, and
+trains a network that maps activations back to inputs. Its architecture is derived from the
+activation's shape: transposed convolutions up to the input's size for spatial activations, a dense
+stem reshaped to a small feature map for vectors.
+
+Honesty measures, since a weak attack reads as privacy:
+- activations are standardized with aux statistics (a raw scale of 1e3 or 1e-3 would stall Adam);
+- a held-out tenth of the aux data drives early stopping, and the best checkpoint is kept;
+- a run that diverges, does not beat the no-information guess, or is still improving when its budget
+  ends is restarted or resumed, and the best run by validation loss is kept;
+- whatever remains unconverged is flagged in the result, never silently reported.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacks.base import AttackContext, FitReport, register_attack
+from attacks.training import TrainConfig, evaluate, train
+from audit.specs import build_config, param
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    width: int = param(0, lo=0, hi=1024, help="channels of the decoder; 0 picks by profile")
+    epochs: int = param(0, lo=0, hi=1000, help="max epochs per run; 0 picks by profile")
+    lr: float = param(2e-3, lo=0, lo_open=True, hi=1.0)
+    batch_size: int = param(128, lo=1, hi=4096)
+    restarts: int = param(-1, lo=-1, hi=20, help="extra runs when one fails; -1 picks by profile")
+    val_fraction: float = param(0.1, lo=0.02, hi=0.5)
+
+
+PROFILES = {
+    # width, epochs, patience, restarts
+    "quick": (48, 6, 2, 0),
+    "standard": (64, 12, 3, 1),
+    "thorough": (96, 60, 6, 3),
+}
+
+
+class InverseNet(nn.Module):
+    """Activation (standardized) -> image in [0, 1].
+
+    Channels shrink as resolution grows (``width`` at a quarter of the input size, at least 16 at full
+    size), so the cost per sample stays within a few MFLOPs on a CPU while the low-resolution part,
+    where the information is entangled, keeps its capacity. Upsampling is bilinear resize + 3x3 conv to
+    intermediate sizes on a geometric ladder that ends exactly at the input size.
+    """
+
+    def __init__(self, act_shape: tuple[int, ...], input_shape: tuple[int, ...], width: int):
+        super().__init__()
+        c_out, h_out, w_out = input_shape
+        self.out_hw = (h_out, w_out)
+
+        def ch(h: int) -> int:  # channels at a feature-map height h
+            return int(min(width, max(16, round(width * (h_out / 4) / max(h, 1)))))
+
+        if len(act_shape) == 3:
+            c, h, w = act_shape
+            self.stem = nn.Sequential(nn.Conv2d(c, ch(h), 3, padding=1), nn.BatchNorm2d(ch(h)), nn.ReLU())
+        else:
+            d = math.prod(act_shape)
+            h, w = max(1, math.ceil(h_out / 4)), max(1, math.ceil(w_out / 4))
+            hidden = min(1024, max(256, 4 * width))
+            self.stem = nn.Sequential(
+                nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, ch(h) * h * w),
+                nn.Unflatten(1, (ch(h), h, w)), nn.BatchNorm2d(ch(h)), nn.ReLU(),
+            )
+        layers: list[nn.Module] = []
+        steps = max(0, math.ceil(math.log2(max(h_out / h, w_out / w))))
+        c_prev = ch(h)
+        for i in range(1, steps + 1):
+            size = (round(h * (h_out / h) ** (i / steps)), round(w * (w_out / w) ** (i / steps)))
+            c_next = ch(size[0])
+            layers += [nn.Upsample(size=size, mode="bilinear", align_corners=False),
+                       nn.Conv2d(c_prev, c_next, 3, padding=1), nn.BatchNorm2d(c_next), nn.ReLU()]
+            c_prev = c_next
+        self.up = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Conv2d(c_prev, c_prev, 3, padding=1), nn.ReLU(), nn.Conv2d(c_prev, c_out, 3, padding=1))
+
+    def forward(self, z):
+        y = self.up(self.stem(z))
+        if tuple(y.shape[-2:]) != self.out_hw:  # an activation larger than the input
+            y = F.interpolate(y, size=self.out_hw, mode="bilinear", align_corners=False)
+        return torch.sigmoid(self.head(y))
+
+
+def _standardizer(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (spatial) or per-feature statistics; dead features get std 1 so they stay zero."""
+    dims = (0, 2, 3) if z.dim() == 4 else (0,)
+    mean = z.mean(dim=dims, keepdim=True)
+    std = z.std(dim=dims, keepdim=True)
+    floor = 1e-6 * float(std.max()) + 1e-12
+    std = torch.where(std > floor, std, torch.ones_like(std))
+    return mean[:1] if z.dim() == 4 else mean, std[:1] if z.dim() == 4 else std
+
+
+def _mse(model, batch):
+    z, x = batch
+    return F.mse_loss(model(z), x)
+
+
+@register_attack("decoder")
+class DecoderAttack:
+    needs_fit = True
+
+    def __init__(self, *, profile: str = "standard", params: dict | None = None):
+        self.config = build_config(DecoderConfig, params or {}, what="attack decoder")
+        width, epochs, patience, restarts = PROFILES[profile]
+        self.width = self.config.width or width
+        self.epochs = self.config.epochs or epochs
+        self.patience = patience
+        self.restarts = restarts if self.config.restarts < 0 else self.config.restarts
+        self.net: InverseNet | None = None
+        self.mean = self.std = None
+
+    def _normalize(self, z):
+        return (z - self.mean) / self.std
+
+    def warm_start_from(self, other: DecoderAttack) -> None:
+        """Begin from another decoder's weights (an adaptive attacker refining a clean decoder)."""
+        self._init = other
+
+    def fit(self, z_aux: torch.Tensor, x_aux: torch.Tensor, ctx: AttackContext) -> FitReport:
+        start = time.perf_counter()
+        gen = ctx.generator
+        n = z_aux.shape[0]
+        perm = torch.randperm(n, generator=gen).to(z_aux.device)
+        n_val = max(1, int(round(n * self.config.val_fraction)))
+        val_idx, tr_idx = perm[:n_val], perm[n_val:]
+        self.mean, self.std = _standardizer(z_aux[tr_idx])
+        zt, zv = self._normalize(z_aux[tr_idx]), self._normalize(z_aux[val_idx])
+        xt, xv = x_aux[tr_idx], x_aux[val_idx]
+        prior = xt.mean(dim=0, keepdim=True)
+        baseline = float(F.mse_loss(prior.expand_as(xv), xv))
+
+        init = getattr(self, "_init", None)
+        best: tuple[float, dict] | None = None
+        notes: list[str] = []
+        runs = 0
+        epochs_total = 0
+        lr = self.config.lr
+        converged = False
+        for attempt in range(self.restarts + 1):
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+            with torch.random.fork_rng(devices=[]):  # seed module init without touching global state
+                torch.manual_seed(seed)
+                net = InverseNet(tuple(z_aux.shape[1:]), tuple(x_aux.shape[1:]), self.width).to(z_aux.device)
+            if init is not None and attempt == 0 and init.net is not None:
+                try:
+                    net.load_state_dict(init.net.state_dict())
+                except RuntimeError:
+                    pass
+            epochs = self.epochs
+            res = None
+            # Resume while still clearly improving at the end of the budget (up to 2 extra budgets).
+            for extension in range(3):
+                cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=self.config.batch_size, patience=self.patience)
+
+                def on_epoch(ep, tr, va, _off=epochs_total):
+                    if ctx.on_epoch:
+                        ctx.on_epoch(_off + ep, _off + epochs, va)
+
+                res = train(net, _mse, (zt, xt), config=cfg, generator=gen, val_data=(zv, xv), on_epoch=on_epoch)
+                epochs_total += res.epochs_run
+                still_improving = (
+                    not res.diverged
+                    and res.epochs_run == epochs
+                    and res.best_epoch == epochs
+                    and len(res.history) >= 2
+                    and res.history[-2][1] - res.history[-1][1] > 0.01 * res.history[-1][1]
+                )
+                if not still_improving:
+                    break
+                notes.append(f"run {attempt + 1}: still improving after {epochs_total} epochs, resumed")
+            runs += 1
+            val = evaluate(net, _mse, (zv, xv))
+            if res.diverged:
+                notes.append(f"run {attempt + 1}: loss diverged at lr={lr:g}, restarting with lr={lr / 3:g}")
+                lr /= 3
+            if math.isfinite(val) and (best is None or val < best[0]):
+                best = (val, {k: v.clone() for k, v in net.state_dict().items()})
+                self.net = net
+            beats_baseline = math.isfinite(val) and val < 0.9 * baseline
+            converged = not res.diverged and beats_baseline
+            if converged:
+                break
+            if not res.diverged and not beats_baseline:
+                notes.append(
+                    f"run {attempt + 1}: validation MSE {val:.4f} does not beat the no-information guess "
+                    f"({baseline:.4f}); restarting from a new initialization"
+                )
+        if best is None:
+            raise RuntimeError("decoder training diverged in every run")
+        self.net.load_state_dict(best[1])
+        self.net.eval()
+        return FitReport(
+            converged=converged,
+            restarts=runs - 1,
+            epochs=epochs_total,
+            seconds=time.perf_counter() - start,
+            val_loss=best[0],
+            baseline_loss=baseline,
+            notes=notes,
+        )
+
+    @torch.no_grad()
+    def reconstruct(self, z: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
+        if self.net is None:
+            raise RuntimeError("fit() must be called before reconstruct()")
+        self.net.eval()
+        outs = [self.net(self._normalize(z[i : i + batch_size])) for i in range(0, z.shape[0], batch_size)]
+        return torch.cat(outs)
+
+    def state(self) -> dict:
+        """Everything needed to rebuild the fitted attack (for the cache)."""
+        return {"net": self.net.state_dict(), "mean": self.mean, "std": self.std, "width": self.width}
+
+    def load_state(self, state: dict, act_shape, input_shape) -> None:
+        self.width = state["width"]
+        self.net = InverseNet(tuple(act_shape), tuple(input_shape), self.width)
+        self.net.load_state_dict(state["net"])
+        self.net.eval()
+        self.mean, self.std = state["mean"], state["std"]

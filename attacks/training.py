@@ -1,0 +1,146 @@
+"""The one training loop of splitaudit.
+
+Every learned piece trains here: the decoder attack, the built-in victims, and the fine-tuning of the
+DP-SGD and NoPeek defenses. A defense that needs something special (Opacus's private optimizer, a
+penalty term) passes it in as ``wrap`` or in its ``loss_fn`` instead of writing a second loop.
+
+Why a hand-written loop and not a framework: we need early stopping on a held-out part with the best
+checkpoint kept, explicit generators for data order, and a divergence check that turns a NaN into a
+retry upstream instead of a silently bad attack (a bad attack would read as privacy).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+LossFn = Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor]
+Wrap = Callable[[nn.Module, torch.optim.Optimizer, DataLoader], tuple[nn.Module, torch.optim.Optimizer, DataLoader]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 64
+    patience: int | None = 3  # epochs without validation improvement before stopping; None: run all
+    weight_decay: float = 0.0
+    min_delta: float = 1e-4  # relative improvement that counts as better
+    optimizer: str = "adam"  # adam | sgd
+    # False: return the last iterate and never select an epoch by its loss. DP-SGD needs this: picking
+    # the best epoch by the noiseless loss on private data is a release the privacy accountant does not count.
+    keep_best: bool = True
+
+
+@dataclass
+class TrainResult:
+    best_val: float
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    diverged: bool = False
+    history: list[tuple[float, float]] = field(default_factory=list)  # (train loss, val loss) per epoch
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loss_fn: LossFn, data: Sequence[torch.Tensor], *, batch_size: int = 256) -> float:
+    """Mean of ``loss_fn`` over ``data`` in eval mode, weighted by batch size."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    n = data[0].shape[0]
+    for start in range(0, n, batch_size):
+        batch = [t[start : start + batch_size] for t in data]
+        total += float(loss_fn(model, batch)) * batch[0].shape[0]
+        count += batch[0].shape[0]
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_data: Sequence[torch.Tensor],
+    *,
+    config: TrainConfig,
+    generator: torch.Generator,
+    val_data: Sequence[torch.Tensor] | None = None,
+    wrap: Wrap | None = None,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+    params: Sequence[nn.Parameter] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place; on return it holds the best checkpoint by validation loss.
+
+    ``params`` restricts what is optimized (NoPeek trains only the head). ``wrap`` may replace the
+    model, optimizer and loader (Opacus's ``make_private``); the caller gets its results through the
+    model it passed in, whose parameters the wrapper shares.
+    """
+    start = time.perf_counter()
+    params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    dataset = TensorDataset(*train_data)
+    sampler = RandomSampler(dataset, generator=generator)
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=False)
+    run_model = model
+    if wrap is not None:
+        run_model, opt, loader = wrap(model, opt, loader)
+
+    best_val, best_epoch, best_state = math.inf, -1, None
+    history: list[tuple[float, float]] = []
+    diverged = False
+    since_best = 0
+    epoch = 0
+    for epoch in range(1, config.epochs + 1):
+        run_model.train()
+        total, count = 0.0, 0
+        for batch in loader:
+            if batch[0].shape[0] == 0:  # Poisson sampling can draw an empty batch
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(run_model, batch)
+            if not torch.isfinite(loss):
+                diverged = True
+                break
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * batch[0].shape[0]
+            count += batch[0].shape[0]
+        if diverged:
+            break
+        train_loss = total / max(count, 1)
+        val_loss = evaluate(run_model, loss_fn, val_data) if val_data is not None else train_loss
+        if not math.isfinite(val_loss):
+            diverged = True
+            break
+        history.append((train_loss, val_loss))
+        if on_epoch is not None:
+            on_epoch(epoch, train_loss, val_loss)
+        if not config.keep_best:
+            best_val, best_epoch = val_loss, epoch
+        elif val_loss < best_val * (1 - config.min_delta) or best_state is None:
+            best_val, best_epoch, since_best = val_loss, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            since_best += 1
+            if config.patience is not None and since_best >= config.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return TrainResult(
+        best_val=best_val,
+        best_epoch=best_epoch,
+        epochs_run=epoch,
+        seconds=time.perf_counter() - start,
+        diverged=diverged,
+        history=history,
+    )

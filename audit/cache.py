@@ -1,0 +1,81 @@
+"""A content-addressed cache for trained victims, captured activations and fitted attacks.
+
+Keys are hashes of what determines the value (weights, data, config, package version), never file
+names or modification times. Each entry is written atomically beside a sha256 of its bytes; an entry
+whose bytes do not match (a partial write, a flipped bit) is treated as missing and recomputed.
+Concurrent writers each rename a complete file into place, so readers see one whole entry or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from audit.results import atomic_write_bytes
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SPLITAUDIT_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "splitaudit"
+
+
+def key_of(*parts: Any) -> str:
+    """A stable hash of strings, numbers and nested tuples/dicts of them."""
+    from audit import __version__
+
+    h = hashlib.sha256(__version__.encode())
+    for p in parts:
+        h.update(b"\x1f" + repr(p).encode())
+    return h.hexdigest()[:40]
+
+
+class Cache:
+    def __init__(self, root: str | Path | None = None, *, enabled: bool = True):
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.enabled = enabled
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, kind: str, key: str) -> Path:
+        return self.root / kind / f"{key}.pt"
+
+    def get(self, kind: str, key: str) -> Any | None:
+        if not self.enabled:
+            return None
+        path = self._path(kind, key)
+        try:
+            data = path.read_bytes()
+            digest = path.with_suffix(".sha256").read_text().strip()
+        except OSError:
+            self.misses += 1
+            return None
+        if hashlib.sha256(data).hexdigest() != digest:
+            self.misses += 1
+            return None
+        try:
+            value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return value
+
+    def put(self, kind: str, key: str, value: Any) -> None:
+        if not self.enabled:
+            return
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        data = buf.getvalue()
+        path = self._path(kind, key)
+        try:
+            atomic_write_bytes(path, data)
+            atomic_write_bytes(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
+        except OSError:
+            pass  # a read-only or full cache must not fail the audit

@@ -1,0 +1,79 @@
+"""What a cut costs the device: bytes on the wire, head FLOPs, head latency.
+
+Latency is measured, never estimated from FLOPs: warm-up runs, then the median of repeats, with the
+thread count recorded next to the number (STYLE habit 13).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from audit.cuts import _StopForward, head_forward, run_model
+
+BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "int8": 1}
+
+
+def bytes_per_sample(shape: tuple[int, ...], dtype: str = "float32") -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * BYTES_PER_ELEMENT[dtype]
+
+
+@torch.no_grad()
+def head_flops(model: nn.Module, cut: str | None, sample: torch.Tensor) -> int:
+    """FLOPs of the head for one sample (``cut=None``: the whole model), by ``torch.utils.flop_counter``."""
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        try:
+            if cut is None:
+                run_model(model, sample[:1])
+            else:
+                head_forward(model, cut, sample[:1])
+        except _StopForward:
+            pass
+    return int(counter.get_total_flops())
+
+
+def median_ms(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 15, sync: Callable[[], None] | None = None) -> float:
+    """Median wall time of ``fn`` in milliseconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _sync_for(t: torch.Tensor):
+    return torch.cuda.synchronize if t.is_cuda else None
+
+
+@torch.no_grad()
+def head_latency_ms(model: nn.Module, cut: str, sample: torch.Tensor, *, transform=None, warmup: int = 3, repeats: int = 15) -> float:
+    """Median time of head (+ defense ``transform``) on ``sample`` (its batch size is the one timed)."""
+    model.eval()
+    if transform is None:
+        fn = lambda: head_forward(model, cut, sample)  # noqa: E731
+    else:
+        fn = lambda: transform(head_forward(model, cut, sample))  # noqa: E731
+    return median_ms(fn, warmup=warmup, repeats=repeats, sync=_sync_for(sample))
+
+
+@torch.no_grad()
+def full_latency_ms(model: nn.Module, sample: torch.Tensor, *, warmup: int = 3, repeats: int = 15) -> float:
+    model.eval()
+    return median_ms(lambda: run_model(model, sample), warmup=warmup, repeats=repeats, sync=_sync_for(sample))

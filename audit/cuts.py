@@ -1,0 +1,191 @@
+"""Cut points: discovery, head-only capture, and running the model with the cut's output replaced.
+
+A cut names a module; the activation that crosses the wire is that module's output. Discovery runs
+one forward pass with a hook on every module, so it sees modules inside residual blocks and models
+whose ``forward`` mixes modules with functional ops, in the order their outputs are produced.
+
+The head is never materialized as a separate module (that is impossible for a general ``forward``).
+Instead, a hook on the cut module raises :class:`_StopForward` carrying the output, so the forward
+pass stops right there and no layer after the cut runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from audit.errors import ModelError, SpecError
+
+
+class _StopForward(BaseException):
+    """Raised by the capture hook. A BaseException so a user's ``except Exception`` cannot swallow it."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value
+
+
+@dataclass(frozen=True)
+class CutPoint:
+    name: str
+    shape: tuple[int, ...]  # per sample, without the batch dimension
+    index: int  # position in execution order
+    module_type: str
+    aliases: tuple[str, ...] = ()  # modules whose output is this very tensor (a Sequential ending here)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def is_spatial(self) -> bool:
+        return len(self.shape) == 3
+
+
+@dataclass(frozen=True)
+class Discovery:
+    cuts: tuple[CutPoint, ...]
+    skipped: tuple[tuple[str, str], ...]  # (module name, why it is not a candidate)
+
+    def names(self) -> list[str]:
+        return [c.name for c in self.cuts]
+
+    def get(self, name: str) -> CutPoint:
+        for c in self.cuts:
+            if c.name == name or name in c.aliases:
+                return c
+        valid = ", ".join(self.names())
+        raise SpecError(f"unknown cut {name!r}; valid cuts: {valid}")
+
+
+def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Call the model, turning an exception from the user's code into a one-line ModelError."""
+    try:
+        return model(x)
+    except _StopForward:
+        raise
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelError(
+            f"the model rejected input of shape {tuple(x.shape)}: {type(exc).__name__}: {msg[:300]}"
+        ) from exc
+
+
+@torch.no_grad()
+def discover_cuts(model: nn.Module, sample: torch.Tensor) -> Discovery:
+    """Every module whose output is a tensor, in execution order (one forward pass on ``sample``)."""
+    model.eval()
+    calls: dict[str, int] = {}
+    order: list[tuple[str, torch.Tensor, int, str]] = []
+    skipped: list[tuple[str, str]] = []
+    handles = []
+
+    def make_hook(name):
+        def hook(module, inputs, output):
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == 1:
+                if isinstance(output, torch.Tensor) and output.is_floating_point():
+                    order.append((name, output, output._version, type(module).__name__))
+                else:
+                    skipped.append((name, f"output is {type(output).__name__}, not a float tensor"))
+
+        return hook
+
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(make_hook(name)))
+    try:
+        run_model(model, sample)
+    finally:
+        for h in handles:
+            h.remove()
+
+    cuts: list[CutPoint] = []
+    seen: list[tuple[tuple, int]] = []
+    for name, out, version, mtype in order:
+        if calls[name] > 1:
+            skipped.append((name, f"called {calls[name]} times in one forward pass, so its output is ambiguous"))
+            continue
+        if out.shape[0] != sample.shape[0]:
+            skipped.append((name, "output has no batch dimension"))
+            continue
+        # The same bytes, not modified in place since: an alias (a container ending in this module, an
+        # identity such as Dropout in eval mode, or a view such as Flatten). It carries exactly the
+        # same information, so it is attacked once under the first name.
+        ident = (out.untyped_storage().data_ptr(), out.storage_offset(), out.numel(), out.dtype)
+        alias_of = next((i for i, (t, v) in enumerate(seen) if t == ident and v == version), None)
+        if alias_of is not None:
+            prev = cuts[alias_of]
+            cuts[alias_of] = CutPoint(prev.name, prev.shape, prev.index, prev.module_type, prev.aliases + (name,))
+            continue
+        seen.append((ident, version))
+        cuts.append(CutPoint(name, tuple(out.shape[1:]), len(cuts), mtype))
+    # The input itself is not a candidate here; the planner adds "all on the server" separately.
+    return Discovery(tuple(cuts), tuple(skipped))
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise SpecError(f"model has no module {name!r}") from None
+
+
+def head_forward(model: nn.Module, cut: str, x: torch.Tensor) -> torch.Tensor:
+    """Run only the head: the forward pass stops at the cut module's output."""
+
+    def hook(module, inputs, output):
+        raise _StopForward(output)
+
+    handle = _module(model, cut).register_forward_hook(hook)
+    try:
+        run_model(model, x)
+    except _StopForward as stop:
+        return stop.value
+    finally:
+        handle.remove()
+    raise ModelError(f"cut {cut!r} was not reached in the forward pass")
+
+
+@torch.no_grad()
+def capture(model: nn.Module, cut: str, x: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    """The activations at ``cut`` for all of ``x``, batch by batch, on ``x``'s device."""
+    model.eval()
+    outs = [head_forward(model, cut, x[i : i + batch_size]).detach().clone() for i in range(0, x.shape[0], batch_size)]
+    return torch.cat(outs)
+
+
+def forward_with(model: nn.Module, cut: str, x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The full model's output with the cut's activation replaced by ``transform(activation)``.
+
+    This is what the server computes when the device applies a defense before sending.
+    """
+
+    def hook(module, inputs, output):
+        return transform(output)
+
+    handle = _module(model, cut).register_forward_hook(hook)
+    try:
+        return run_model(model, x)
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, *, cut: str | None = None, transform=None, batch_size: int = 256) -> torch.Tensor:
+    """Top-1 predictions, optionally with a defense applied at ``cut``."""
+    model.eval()
+    preds = []
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i : i + batch_size]
+        out = forward_with(model, cut, xb, transform) if cut is not None and transform is not None else run_model(model, xb)
+        if not isinstance(out, torch.Tensor) or out.dim() < 2:
+            raise ModelError("the model's output is not a (batch, classes) tensor, so accuracy cannot be measured")
+        preds.append(out.argmax(dim=1))
+    return torch.cat(preds)

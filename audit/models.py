@@ -1,0 +1,165 @@
+"""Built-in victim models and loading of user models.
+
+The built-in victims are trained on first use on the built-in data's victim split and cached by a
+content hash of (architecture, training config, data, package version), so the cache can never hand
+back weights trained on other data or by other code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from audit.errors import ModelError, SpecError
+from audit.specs import parse_model_spec
+
+
+class LeNet(nn.Module):
+    """LeNet-5 style network for 28x28 digits (the kind of model He et al. 2019 attack on MNIST)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(120, 84)
+        self.relu4 = nn.ReLU()
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x):
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        x = self.relu3(self.fc1(self.flatten(x)))
+        x = self.relu4(self.fc2(x))
+        return self.fc3(x)
+
+
+class CifarNet(nn.Module):
+    """The 6-conv CNN of He et al. 2019 (three blocks of two 3x3 convs, then two dense layers).
+
+    Widths are halved from the paper's (64/128/256 -> 32/64/128) so that it trains in about a minute on
+    two CPU cores; the layer structure, and therefore the kinds of cut, are the paper's.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32):
+        super().__init__()
+        w1, w2, w3 = width, 2 * width, 4 * width
+
+        def block(cin, cout):
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+            )
+
+        self.features = nn.Sequential(block(in_channels, w1), block(w1, w2), block(w2, w3))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(w3 * 4 * 4, 256), nn.ReLU(), nn.Linear(256, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    build: Callable[[int, int], nn.Module]  # (in_channels, num_classes) -> module
+    data: str  # the builtin data it is trained on
+    epochs: int
+    lr: float
+    batch_size: int = 64
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "lenet": BuiltinModel(lambda c, k: LeNet(c, k), data="builtin:mnist", epochs=12, lr=2e-3),
+    "cifarnet": BuiltinModel(lambda c, k: CifarNet(c, k), data="builtin:photos32", epochs=8, lr=1e-3),
+}
+
+
+def state_hash(model: nn.Module) -> str:
+    """sha256 of a model's state dict (names, shapes, dtypes and bytes), for content-addressed caching."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def build_user_model(spec: str) -> nn.Module:
+    """Import ``file.py:callable`` or ``module:callable`` and call it with no arguments."""
+    parsed = parse_model_spec(spec)
+    if parsed.kind == "builtin":
+        raise SpecError("build_user_model() got a builtin spec; use load_model()")
+    if parsed.kind == "file":
+        path = Path(parsed.target)
+        if not path.is_file():
+            raise ModelError(f"model file {parsed.target!r} not found")
+        mod_name = "splitaudit_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+        try:
+            loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[mod_name] = module
+            loader_spec.loader.exec_module(module)
+        except Exception as exc:  # user code: report, do not crash
+            raise ModelError(f"importing {parsed.target!r} failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(parsed.target)
+        except Exception as exc:
+            raise ModelError(f"importing module {parsed.target!r} failed: {type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, parsed.attr, None)
+    if fn is None:
+        raise ModelError(f"{parsed.target!r} has no attribute {parsed.attr!r}")
+    if not callable(fn):
+        raise ModelError(f"{parsed.target}:{parsed.attr} is not callable")
+    try:
+        model = fn()
+    except Exception as exc:
+        raise ModelError(f"calling {parsed.target}:{parsed.attr}() raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{parsed.target}:{parsed.attr}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a state dict with ``weights_only=True``: a pickle in the file can never run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file {str(path)!r} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"weights file {str(path)!r} is not a loadable state dict ({first[:200]})") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"weights file {str(path)!r} does not hold a state dict (a mapping of names to tensors)")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = " ".join(lines[1:3]) if len(lines) > 1 else lines[0]
+        raise ModelError(f"weights file {str(path)!r} does not match the model: {detail[:300]}") from exc
+
+
+def builtin_cache_key(name: str, data_hash: str, in_channels: int, num_classes: int) -> str:
+    from audit import __version__
+
+    b = BUILTIN_MODELS[name]
+    src = inspect.getsource(LeNet if name == "lenet" else CifarNet)
+    payload = f"{name}|{data_hash}|{in_channels}|{num_classes}|{b.epochs}|{b.lr}|{b.batch_size}|{__version__}|{src}"
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]

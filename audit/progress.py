@@ -1,0 +1,75 @@
+"""Progress reporting, kept out of the library's logic.
+
+The runner talks to a :class:`Reporter`; the CLI passes one that draws rich progress bars on stderr,
+tests and the pytest plugin pass the silent default.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+
+class Task:
+    def update(self, completed: float | None = None, *, total: float | None = None, description: str | None = None) -> None:
+        pass
+
+    def advance(self, n: float = 1) -> None:
+        pass
+
+
+class Reporter:
+    """Silent reporter; subclasses draw."""
+
+    @contextmanager
+    def task(self, description: str, total: float | None = None):
+        yield Task()
+
+    def log(self, message: str) -> None:
+        pass
+
+
+class RichReporter(Reporter):
+    def __init__(self, console=None):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    @contextmanager
+    def task(self, description: str, total: float | None = None):
+        tid = self.progress.add_task(description, total=total)
+        progress = self.progress
+
+        class _T(Task):
+            def update(self, completed=None, *, total=None, description=None):
+                kw = {k: v for k, v in (("completed", completed), ("total", total), ("description", description)) if v is not None}
+                progress.update(tid, **kw)
+
+            def advance(self, n=1):
+                progress.advance(tid, n)
+
+        try:
+            yield _T()
+        finally:
+            t = progress.tasks[[x.id for x in progress.tasks].index(tid)]
+            if t.total is not None:
+                progress.update(tid, completed=t.total)
+            progress.stop_task(tid)
+
+    def log(self, message: str) -> None:
+        self.progress.console.print(message)

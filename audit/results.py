@@ -1,0 +1,230 @@
+"""Typed, frozen results with a JSON round trip (``"schema": "splitaudit/1"``).
+
+One :class:`AuditResult` feeds every view: console, HTML report, gate and planner. The JSON layout is
+the contract in ``shared/DESIGN.md``; extra keys are allowed, so new fields go into the dataclasses
+with defaults and old files still load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from audit.errors import DataError
+
+SCHEMA = "splitaudit/1"
+
+
+@dataclass(frozen=True)
+class CutInfo:
+    name: str
+    shape: tuple[int, ...]
+    bytes_per_sample: int  # float32
+    head_flops: int
+    head_latency_ms: float  # batch 1, median
+    bytes_fp16: int = 0
+    bytes_int8: int = 0
+    index: int = 0
+    module_type: str = ""
+    aliases: tuple[str, ...] = ()
+    head_latency_ms_b64: float | None = None
+    tail_flops: int | None = None
+    tail_latency_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One (cut, defense, attack) cell of the grid."""
+
+    cut: str
+    defense: str
+    attack: str
+    adaptive: bool
+    ssim: float
+    ssim_ci: tuple[float, float]
+    psnr: float
+    psnr_ci: tuple[float, float]
+    baseline_ssim: float
+    n_eval: int
+    accuracy: float | None = None
+    agreement: float | None = None
+    latency_ms: float | None = None
+    latency_overhead_ms: float | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    baseline_psnr: float | None = None
+    worst_ssim: float | None = None  # the single most recognizable sample
+    worst_indices: tuple[int, ...] = ()  # eval indices of the most recognizable samples
+    converged: bool = True
+    status: str = "ok"  # ok | not_converged | failed
+    error: str | None = None
+    flags: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    bytes_per_sample: int | None = None  # on the wire with this defense (quantization changes it)
+    latency_ms_b64: float | None = None
+    latency_overhead_ms_b64: float | None = None
+    train_seconds: float | None = None
+    epochs: int | None = None
+    images: str | None = None  # path of the PNG grid, relative to results.json
+    defense_info: dict[str, Any] = field(default_factory=dict)
+    attack_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str, str, bool]:
+        return (self.cut, self.defense, self.attack, self.adaptive)
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    created: str
+    seed: int
+    model: dict[str, Any]
+    data: dict[str, Any]
+    environment: dict[str, Any]
+    cuts: tuple[CutInfo, ...]
+    results: tuple[ResultRow, ...]
+    config: dict[str, Any] = field(default_factory=dict)
+    threshold: float = 0.3
+    notes: tuple[str, ...] = ()
+    schema: str = SCHEMA
+
+    # --- views -----------------------------------------------------------------------------------
+    def cut(self, name: str) -> CutInfo:
+        for c in self.cuts:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def rows(self, *, cut: str | None = None, defense: str | None = None, attack: str | None = None) -> list[ResultRow]:
+        return [
+            r
+            for r in self.results
+            if (cut is None or r.cut == cut) and (defense is None or r.defense == defense) and (attack is None or r.attack == attack)
+        ]
+
+    def headline(self, cut: str, defense: str) -> ResultRow | None:
+        """The row the user should believe for (cut, defense): the strongest attack, adaptive or not.
+
+        Strongest means highest mean SSIM (most recognizable); a failed row never wins.
+        """
+        cands = [r for r in self.rows(cut=cut, defense=defense) if r.status != "failed"]
+        return max(cands, key=lambda r: r.ssim) if cands else None
+
+    def defenses(self) -> list[str]:
+        out: list[str] = []
+        for r in self.results:
+            if r.defense not in out:
+                out.append(r.defense)
+        return out
+
+    def summary(self) -> str:
+        lines = [f"splitaudit results: model {self.model.get('spec')} on {self.data.get('spec')}, seed {self.seed}"]
+        for c in self.cuts:
+            for d in self.defenses():
+                h = self.headline(c.name, d)
+                if h:
+                    lines.append(f"  {c.name:<20} {d:<24} SSIM {h.ssim:.3f} [{h.ssim_ci[0]:.3f}, {h.ssim_ci[1]:.3f}] ({h.attack})")
+        return "\n".join(lines)
+
+    # --- JSON --------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        order = ["schema", "created", "seed", "model", "data", "environment", "config", "threshold", "notes", "cuts", "results"]
+        return _jsonable({k: d[k] for k in order})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AuditResult:
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            raise DataError(f"not a splitaudit results file (expected schema {SCHEMA!r})")
+        try:
+            cuts = tuple(_build(CutInfo, c) for c in d["cuts"])
+            rows = tuple(_build(ResultRow, r) for r in d["results"])
+            kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and f.name not in ("cuts", "results")}
+            kw["notes"] = tuple(kw.get("notes", ()))
+            return cls(cuts=cuts, results=rows, **kw)
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"results file is missing or has a malformed field: {exc}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> AuditResult:
+        return cls.from_dict(json.loads(text, parse_constant=_parse_constant))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        atomic_write_text(path, self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> AuditResult:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"results file {str(path)!r} not found")
+        try:
+            return cls.from_json(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"results file {str(path)!r} is not valid JSON ({exc})") from None
+
+
+def _parse_constant(name: str):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+_TUPLE_FIELDS = {"shape", "aliases", "ssim_ci", "psnr_ci", "worst_indices", "flags", "notes"}
+
+
+_REQUIRED_FLOATS = {"ssim", "psnr", "baseline_ssim"}  # non-finite values are written as null
+
+
+def _build(cls, d: dict[str, Any]):
+    known = {f.name for f in fields(cls)}
+    kw = {}
+    for k, v in d.items():
+        if k not in known:
+            continue  # extra keys are welcome in the file; they are not part of this version's record
+        if k in _TUPLE_FIELDS and isinstance(v, list):
+            v = tuple(math.nan if e is None and k.endswith("_ci") else e for e in v)
+        elif k in _REQUIRED_FLOATS and v is None:
+            v = math.nan
+        kw[k] = v
+    return cls(**kw)
+
+
+def _jsonable(obj):
+    """Tuples to lists; NaN and inf to null (strict JSON has neither)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())

@@ -1,0 +1,89 @@
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from audit.costs import bytes_per_sample, head_flops
+from audit.cuts import capture, discover_cuts, forward_with, head_forward
+from tests.tiny import TinyNet
+
+
+class Functional(nn.Module):
+    """forward mixes modules with functional ops and reuses one module twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 3, 3, padding=1)
+        self.shared = nn.ReLU()
+        self.b = nn.Conv2d(3, 3, 3, padding=1)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(3 * 4 * 4, 2)
+
+    def forward(self, x):
+        x = self.shared(self.a(x))
+        x = F.avg_pool2d(x, 2)
+        x = self.shared(self.b(x)) + x
+        x = self.drop(F.avg_pool2d(x, 2))
+        return self.fc(x.flatten(1))
+
+
+def test_discovery_sees_residual_and_functional_modules_in_order():
+    torch.manual_seed(0)
+    d = discover_cuts(TinyNet().eval(), torch.rand(2, 1, 12, 12))
+    assert d.names() == ["stem", "block.conv", "block.bn", "block", "fc"]
+    assert d.get("block").shape == (4, 12, 12)
+    assert d.get("fc").shape == (4,)
+
+
+def test_discovery_skips_reused_modules_and_merges_aliases():
+    d = discover_cuts(Functional().eval(), torch.rand(2, 1, 16, 16))
+    assert "shared" not in d.names()
+    assert any(name == "shared" and "2 times" in why for name, why in d.skipped)
+    # Dropout in eval mode returns its input: an alias of nothing we list (its input is functional),
+    # so it is a cut of its own.
+    assert d.names() == ["a", "b", "drop", "fc"]
+
+
+def test_sequential_container_and_view_are_aliases():
+    net = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    d = discover_cuts(net.eval(), torch.rand(2, 1, 8, 8))
+    assert d.names() == ["0.0", "0.1", "2"]
+    assert set(d.get("0.1").aliases) == {"0", "1"}
+    assert d.get("1").name == "0.1"  # an alias resolves to its cut
+
+
+def test_inplace_relu_is_not_merged_with_its_input():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    d = discover_cuts(net.eval(), torch.rand(2, 1, 8, 8))
+    assert d.names()[:2] == ["0", "1"]
+
+
+def test_head_forward_stops_at_the_cut():
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    calls = []
+    net.fc.register_forward_hook(lambda *a: calls.append("fc"))
+    x = torch.rand(3, 1, 12, 12)
+    z = head_forward(net, "block", x)
+    assert calls == []  # the tail never ran
+    expected = F.relu(net.stem(x))
+    expected = F.relu(expected + net.block.bn(net.block.conv(expected)))
+    torch.testing.assert_close(z, expected)
+    torch.testing.assert_close(capture(net, "block", x, batch_size=2), expected)
+
+
+def test_forward_with_replaces_the_activation():
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    x = torch.rand(2, 1, 12, 12)
+    out = forward_with(net, "block", x, lambda z: torch.zeros_like(z))
+    torch.testing.assert_close(out, net.fc.bias.expand(2, -1))
+
+
+def test_costs_count_only_the_head():
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    x = torch.rand(1, 1, 12, 12)
+    stem = head_flops(net, "stem", x)
+    assert stem == 2 * 4 * 1 * 9 * 144  # 2 * Cout * Cin * k^2 * H * W
+    assert head_flops(net, "fc", x) > head_flops(net, "block", x) > stem
+    assert bytes_per_sample((4, 12, 12)) == 4 * 576 and bytes_per_sample((4, 12, 12), "int8") == 576

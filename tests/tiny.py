@@ -1,0 +1,43 @@
+"""Tiny models for tests: a non-sequential net with a residual block, BatchNorm and functional ops."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.bn = nn.BatchNorm2d(ch)
+
+    def forward(self, x):
+        return F.relu(x + self.bn(self.conv(x)))  # residual + functional op
+
+
+class TinyNet(nn.Module):
+    """1x12x12 -> 4 classes."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.block = Block(4)
+        self.fc = nn.Linear(4 * 6 * 6, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = self.block(x)
+        x = F.max_pool2d(x, 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+def build() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+def build_rgb() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyNet(in_channels=3)
