@@ -1,5 +1,5 @@
 # Every target sets up its own .venv: only Python 3.11 and pip are needed.
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q "torch==2.13.0" -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: venv demo quick test test-slow bench clean
+.PHONY: venv demo quick test test-slow bench clean browser
 venv: $(STAMP)
 
 demo: $(STAMP)
@@ -19,8 +19,17 @@ demo: $(STAMP)
 quick: $(STAMP)
 	$(BIN)/splitaudit demo --profile quick
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The report's browser test needs headless Chromium. Under CI it must run, so install it there
+# (Debian's package); locally the test skips when Chromium is absent.
+browser:
+	@if [ -n "$$CI" ] && ! command -v chromium >/dev/null 2>&1; then \
+		echo "installing chromium for the browser test"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "warning: could not install chromium"; \
+	fi
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

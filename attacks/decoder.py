@@ -34,16 +34,16 @@ class DecoderConfig:
     width: int = param(0, lo=0, hi=1024, help="channels of the decoder; 0 picks by profile")
     epochs: int = param(0, lo=0, hi=1000, help="max epochs per run; 0 picks by profile")
     lr: float = param(2e-3, lo=0, lo_open=True, hi=1.0)
-    batch_size: int = param(128, lo=1, hi=4096)
+    batch_size: int = param(64, lo=1, hi=4096)
     restarts: int = param(-1, lo=-1, hi=20, help="extra runs when one fails; -1 picks by profile")
     val_fraction: float = param(0.1, lo=0.02, hi=0.5)
 
 
 PROFILES = {
-    # width, epochs, patience, restarts
-    "quick": (48, 6, 2, 0),
-    "standard": (64, 12, 3, 1),
-    "thorough": (96, 60, 6, 3),
+    # width, epochs, patience, restarts, extensions (extra budgets granted while still improving)
+    "quick": (32, 8, 2, 0, 0),
+    "standard": (48, 12, 3, 1, 1),
+    "thorough": (96, 60, 6, 3, 2),
 }
 
 
@@ -99,7 +99,9 @@ def _standardizer(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dims = (0, 2, 3) if z.dim() == 4 else (0,)
     mean = z.mean(dim=dims, keepdim=True)
     std = z.std(dim=dims, keepdim=True)
-    floor = 1e-6 * float(std.max()) + 1e-12
+    # Constant (dead) features: std at float rounding level relative to their own magnitude. A feature
+    # with a legitimately small scale next to a large one is kept: each is judged on its own.
+    floor = 1e-6 * mean.abs() + 1e-12
     std = torch.where(std > floor, std, torch.ones_like(std))
     return mean[:1] if z.dim() == 4 else mean, std[:1] if z.dim() == 4 else std
 
@@ -115,7 +117,7 @@ class DecoderAttack:
 
     def __init__(self, *, profile: str = "standard", params: dict | None = None):
         self.config = build_config(DecoderConfig, params or {}, what="attack decoder")
-        width, epochs, patience, restarts = PROFILES[profile]
+        width, epochs, patience, restarts, self.extensions = PROFILES[profile]
         self.width = self.config.width or width
         self.epochs = self.config.epochs or epochs
         self.patience = patience
@@ -162,8 +164,8 @@ class DecoderAttack:
                     pass
             epochs = self.epochs
             res = None
-            # Resume while still clearly improving at the end of the budget (up to 2 extra budgets).
-            for extension in range(3):
+            # Resume while still clearly improving at the end of the budget.
+            for extension in range(self.extensions + 1):
                 cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=self.config.batch_size, patience=self.patience)
 
                 def on_epoch(ep, tr, va, _off=epochs_total):
@@ -181,24 +183,31 @@ class DecoderAttack:
                 )
                 if not still_improving:
                     break
-                notes.append(f"run {attempt + 1}: still improving after {epochs_total} epochs, resumed")
+                if extension == self.extensions:
+                    notes.append(f"run {attempt + 1}: still improving when its budget of {epochs_total} epochs ended")
+                else:
+                    notes.append(f"run {attempt + 1}: still improving after {epochs_total} epochs, resumed")
             runs += 1
             val = evaluate(net, _mse, (zv, xv))
             if res.diverged:
                 notes.append(f"run {attempt + 1}: loss diverged at lr={lr:g}, restarting with lr={lr / 3:g}")
                 lr /= 3
+            beats_baseline = math.isfinite(val) and val < 0.9 * baseline
             if math.isfinite(val) and (best is None or val < best[0]):
                 best = (val, {k: v.clone() for k, v in net.state_dict().items()})
                 self.net = net
-            beats_baseline = math.isfinite(val) and val < 0.9 * baseline
-            converged = not res.diverged and beats_baseline
-            if converged:
+                # Converged: a finished optimization, i.e. it beats the prior or has plateaued. A run
+                # that is still improving without beating the prior says nothing yet.
+                converged = not res.diverged and (beats_baseline or not still_improving)
+            if not res.diverged and beats_baseline:
                 break
-            if not res.diverged and not beats_baseline:
+            if not res.diverged and attempt < self.restarts:
                 notes.append(
                     f"run {attempt + 1}: validation MSE {val:.4f} does not beat the no-information guess "
                     f"({baseline:.4f}); restarting from a new initialization"
                 )
+            elif not res.diverged:
+                notes.append(f"validation MSE {val:.4f} does not beat the no-information guess ({baseline:.4f})")
         if best is None:
             raise RuntimeError("decoder training diverged in every run")
         self.net.load_state_dict(best[1])

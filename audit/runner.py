@@ -8,6 +8,8 @@ Every (cut, defense, attack) job draws its randomness from a generator seeded by
 from __future__ import annotations
 
 import datetime as _dt
+import functools
+from contextlib import contextmanager
 import hashlib
 import math
 import os
@@ -29,7 +31,7 @@ from attacks.training import TrainConfig, train
 from audit import __version__
 from audit.cache import Cache, key_of
 from audit.costs import bytes_per_sample, head_flops, head_latency_ms
-from audit.cuts import Discovery, capture, discover_cuts, predict, run_model
+from audit.cuts import Discovery, capture, discover_cuts, head_forward, predict, run_model
 from audit.data import Dataset, Splits, data_hash, load_data, make_splits
 from audit.errors import DataError, ModelError, SpecError, UserError
 from audit.metrics import most_recognizable, psnr, ssim, summarize
@@ -65,12 +67,16 @@ class AuditConfig:
     cache_dir: str | None = None
     use_cache: bool = True
     command: str | None = None  # the command line, for the reproducibility section
+    aux_data: str | None = None  # the attacker's own data, when it is not the evaluation distribution
+    aux_queries: str = "data"  # data | noise: query the head with the aux images or with random inputs
 
     def validate(self) -> None:
         if self.profile not in PROFILES:
             raise SpecError(f"unknown profile {self.profile!r}; known profiles: {', '.join(PROFILES)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise SpecError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
+        if self.aux_queries not in ("data", "noise"):
+            raise SpecError(f"unknown --aux-queries {self.aux_queries!r}; choose data or noise")
         if not 0 < self.threshold <= 1:
             raise SpecError(f"threshold {self.threshold} is out of range; allowed: (0, 1]")
 
@@ -211,6 +217,16 @@ class _Grid:
         self.device = resolve_device(config.device)
         self.cache = Cache(config.cache_dir, enabled=config.use_cache)
         self.notes: list[str] = []
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        """Accumulate wall time per phase, for the benchmark and the report."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
     # -- setup --
     def setup(self) -> None:
@@ -221,15 +237,19 @@ class _Grid:
             raise SpecError(f"a defense is given twice: {', '.join(specs)}")
         for a in cfg.attacks:
             make_attack(a, profile=cfg.profile)
-        self.dataset = load_data(cfg.data)
-        self.splits = make_splits(self.dataset, seed=cfg.seed, n_eval=self.profile["n_eval"], max_aux=self.profile["max_aux"])
-        self.data_hash = data_hash(self.dataset)
-        self.model, self.model_info = load_model(
-            cfg.model, weights=cfg.weights, splits=self.splits, seed=cfg.seed, device=self.device, cache=self.cache, reporter=self.reporter
-        )
+        with self.phase("data"):
+            self.dataset = load_data(cfg.data)
+            self.splits = make_splits(self.dataset, seed=cfg.seed, n_eval=self.profile["n_eval"], max_aux=self.profile["max_aux"])
+            self.data_hash = data_hash(self.dataset)
+        with self.phase("model"):
+            self.model, self.model_info = load_model(
+                cfg.model, weights=cfg.weights, splits=self.splits, seed=cfg.seed, device=self.device, cache=self.cache,
+                reporter=self.reporter,
+            )
         self.model_hash = self.model_info["hash"]
         dev = self.device
-        self.x_aux = self.splits.aux.x.to(dev)
+        self.x_aux, self.attacker = self._attacker_data()
+        self.x_aux = self.x_aux.to(dev)
         self.x_eval = self.splits.eval.x.to(dev)
         self.y_eval = self.splits.eval.y.to(dev) if self.splits.eval.y is not None else None
         self.discovery: Discovery = discover_cuts(self.model, self.x_eval[:2])
@@ -242,6 +262,30 @@ class _Grid:
         self.baseline_ssim = float(ssim(prior, self.x_eval).mean())
         self.baseline_psnr = float(psnr(prior, self.x_eval, max_db=100.0).mean())
 
+    def _attacker_data(self) -> tuple[torch.Tensor, str]:
+        """The images the attacker queries the head with, and a sentence saying what they are."""
+        cfg, aux = self.config, self.splits.aux
+        self.aux_key = ("split", cfg.aux_queries)
+        if cfg.aux_data:
+            if cfg.aux_data == cfg.data:
+                raise UserError("--aux-data is the evaluation data itself; leave it out to use a disjoint split of it")
+            other = load_data(cfg.aux_data)
+            self.aux_key = (data_hash(other), cfg.aux_queries)
+            if other.shape != self.dataset.shape:
+                raise DataError(
+                    f"--aux-data {cfg.aux_data!r} has images of shape {other.shape}, but the model's inputs are {self.dataset.shape}"
+                )
+            n = min(other.n, self.profile["max_aux"] or other.n)
+            idx = torch.randperm(other.n, generator=job_generator(cfg.seed, "aux-data"))[:n]
+            aux = other.subset(idx)
+            what = f"{n} images from {cfg.aux_data} (another distribution than the evaluation data)"
+        else:
+            what = f"{aux.n} images from a split of {cfg.data} disjoint from the victim's training and evaluation images"
+        if cfg.aux_queries == "noise":
+            x = torch.rand(aux.x.shape, generator=job_generator(cfg.seed, "aux-noise"))
+            return x, f"{aux.n} uniform random inputs (the attacker has no data of its own)"
+        return aux.x, what
+
     def _predict(self, model, cut=None, transform=None) -> torch.Tensor | None:
         try:
             return predict(model, self.x_eval, cut=cut, transform=transform)
@@ -251,7 +295,7 @@ class _Grid:
 
     # -- activations --
     def activations(self, model: nn.Module, model_hash: str, cut: str) -> tuple[torch.Tensor, torch.Tensor]:
-        key = key_of("act", model_hash, self.data_hash, self.config.seed, self.config.profile, cut)
+        key = key_of("act", model_hash, self.data_hash, self.config.seed, self.config.profile, cut, self.aux_key)
         hit = self.cache.get("activations", key)
         if hit is not None:
             return hit["aux"].to(self.device), hit["eval"].to(self.device)
@@ -261,23 +305,29 @@ class _Grid:
         return z_aux, z_eval
 
     # -- attacks --
-    def fit_attack(self, name, z_aux, *, cut, model_hash, defense_spec, task, init=None, epochs=None):
-        params = {"epochs": epochs} if epochs else {}
-        attack = make_attack(name, profile=self.config.profile, params=params)
-        key = key_of("attack", name, model_hash, self.data_hash, cut.name, defense_spec, self.config.profile, self.config.seed, epochs)
+    def fit_attack(self, name, z_aux, *, cut, model, model_hash, defense_spec, task, init=None, epochs=None):
+        attack = make_attack(name, profile=self.config.profile)
+        if init is not None and hasattr(attack, "warm_start_from"):
+            # An adaptive attacker refines the clean decoder on defended activations: a short budget
+            # and no restart from scratch, since its starting point is already a converged attack.
+            attack = make_attack(name, profile=self.config.profile, params={"epochs": epochs or 0, "restarts": 0})
+        key = key_of("attack", name, model_hash, self.data_hash, cut.name, defense_spec, self.config.profile, self.config.seed, epochs,
+                     self.aux_key)
         hit = self.cache.get("attacks", key) if hasattr(attack, "load_state") else None
         if hit is not None:
             attack.load_state(hit["state"], cut.shape, tuple(self.x_aux.shape[1:]))
             return attack, hit["report"] | {"cached": True}
         if init is not None and hasattr(attack, "warm_start_from"):
             attack.warm_start_from(init)
-        gen = job_generator(self.config.seed, cut.name, defense_spec, name, device=self.device)
+        gen = job_generator(self.config.seed, cut.name, defense_spec, name)
         ctx = AttackContext(
             input_shape=tuple(self.x_aux.shape[1:]),
             act_shape=tuple(z_aux.shape[1:]),
             profile=self.config.profile,
             generator=gen,
             on_epoch=lambda ep, tot, va: task.update(ep, total=tot),
+            # Only white-box attacks see the head; black-box ones get activations and nothing else.
+            head=functools.partial(head_forward, model, cut.name) if getattr(attack, "white_box", False) else None,
         )
         rep = attack.fit(z_aux, self.x_aux, ctx)
         report = {
@@ -287,6 +337,15 @@ class _Grid:
         if hasattr(attack, "state"):
             self.cache.put("attacks", key, {"state": attack.state(), "report": report})
         return attack, report
+
+    def try_fit(self, name, z_aux, **kw):
+        """Fit, but turn a crash of the attack into a failed row: it must show up, never vanish."""
+        try:
+            return self.fit_attack(name, z_aux, **kw)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported in the result, counted as failed by the gate
+            return None, {"converged": False, "error": f"{type(exc).__name__}: {exc}"}
 
     def score(self, attack, z_eval) -> _Scored:
         recon = attack.reconstruct(z_eval).clamp(0, 1)
@@ -311,9 +370,11 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
     sample1, sample64 = g.x_eval[:1], g.x_eval[:64]
 
     for cut in g.cuts:
-        z_aux, z_eval = g.activations(g.model, g.model_hash, cut.name)
-        lat1 = head_latency_ms(g.model, cut.name, sample1, repeats=reps)
-        lat64 = head_latency_ms(g.model, cut.name, sample64, repeats=max(3, reps // 3))
+        with g.phase("capture"):
+            z_aux, z_eval = g.activations(g.model, g.model_hash, cut.name)
+        with g.phase("latency"):
+            lat1 = head_latency_ms(g.model, cut.name, sample1, repeats=reps)
+            lat64 = head_latency_ms(g.model, cut.name, sample64, repeats=max(3, reps // 3))
         cut_infos.append(
             CutInfo(
                 name=cut.name, shape=cut.shape, bytes_per_sample=bytes_per_sample(cut.shape), head_flops=head_flops(g.model, cut.name, sample1),
@@ -323,8 +384,10 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
         )
         clean_attacks: dict[str, tuple[Any, dict]] = {}
         for attack_name in cfg.attacks:
-            with reporter.task(f"{cut.name}: {attack_name} on clean activations") as task:
-                clean_attacks[attack_name] = g.fit_attack(attack_name, z_aux, cut=cut, model_hash=g.model_hash, defense_spec="none", task=task)
+            with reporter.task(f"{cut.name}: {attack_name} on clean activations") as task, g.phase("attacks"):
+                clean_attacks[attack_name] = g.try_fit(
+                    attack_name, z_aux, cut=cut, model=g.model, model_hash=g.model_hash, defense_spec="none", task=task
+                )
 
         for defense in g.defenses:
             spec = defense.spec
@@ -332,37 +395,23 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
             if defense.changes_model:
                 pkey = spec + ("@" + cut.name if defense.per_cut_model else "")
                 if pkey not in prep_cache:
-                    prep_cache[pkey] = _prepare_model(g, defense, cut.name if defense.per_cut_model else None)
+                    with g.phase("defense fine-tuning"):
+                        prep_cache[pkey] = _prepare_model(g, defense, cut.name if defense.per_cut_model else None)
                 model_d, model_hash_d, dinfo = prep_cache[pkey]
-            zd_aux, zd_eval = (z_aux, z_eval) if model_d is g.model else g.activations(model_d, model_hash_d, cut.name)
+            with g.phase("capture"):
+                zd_aux, zd_eval = (z_aux, z_eval) if model_d is g.model else g.activations(model_d, model_hash_d, cut.name)
             defense.fit(zd_aux)
-            gen = job_generator(cfg.seed, cut.name, spec, "defense", device=g.device)
+            gen = job_generator(cfg.seed, cut.name, spec, "defense")
             da = defense.apply(zd_aux, generator=gen)
             de = defense.apply(zd_eval, generator=gen)
 
-            # Utility, averaged over draws for a stochastic defense.
-            draws = g.profile["draws"] if defense.stochastic else 1
-            accs, agrees = [], []
-            for i in range(draws):
-                ugen = job_generator(cfg.seed, cut.name, spec, "utility", i, device=g.device)
-                transform = (lambda z, _g=ugen: defense.apply(z, generator=_g)) if spec != "none" else None
-                pred = g._predict(model_d, cut.name if transform else None, transform)
-                if pred is not None:
-                    if g.y_eval is not None:
-                        accs.append(float((pred == g.y_eval).float().mean()))
-                    if g.clean_pred is not None:
-                        agrees.append(float((pred == g.clean_pred).float().mean()))
-            acc = sum(accs) / len(accs) if accs else None
-            agree = sum(agrees) / len(agrees) if agrees else None
-
-            # Device-side latency of head + defense against the head alone.
-            if spec == "none":
-                lat_d1, lat_d64 = lat1, lat64
-            else:
-                lgen = job_generator(cfg.seed, cut.name, spec, "latency", device=g.device)
-                tf = lambda z: defense.apply(z, generator=lgen)  # noqa: E731
-                lat_d1 = head_latency_ms(model_d, cut.name, sample1, transform=tf, repeats=reps)
-                lat_d64 = head_latency_ms(model_d, cut.name, sample64, transform=tf, repeats=max(3, reps // 3))
+            with g.phase("utility"):
+                acc, agree = _utility(g, model_d, cut.name, defense)
+            with g.phase("latency"):
+                if spec == "none":
+                    lat_d1, lat_d64 = lat1, lat64
+                else:
+                    lat_d1, lat_d64 = _defended_latency(g, model_d, cut.name, defense, sample1, sample64)
 
             common = dict(
                 cut=cut.name, defense=spec, n_eval=int(g.x_eval.shape[0]), accuracy=_r(acc), agreement=_r(agree),
@@ -374,18 +423,22 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
             for attack_name in cfg.attacks:
                 clean_attack, clean_report = clean_attacks[attack_name]
                 variants: list[tuple[bool, Any, dict]] = []
-                if spec == "none":
+                learned = getattr(clean_attack, "needs_fit", True) if clean_attack is not None else True
+                if spec == "none" or (not learned and not defense.changes_model):
+                    # An attack that learns nothing from aux data cannot adapt to an activation defense.
                     variants.append((False, clean_attack, clean_report))
                 else:
-                    with reporter.task(f"{cut.name}: {attack_name} adapted to {spec}") as task:
+                    with reporter.task(f"{cut.name}: {attack_name} adapted to {spec}") as task, g.phase("attacks"):
                         ad_epochs = g.profile["adaptive_epochs"] or None
-                        adaptive, ad_report = g.fit_attack(
-                            attack_name, da, cut=cut, model_hash=model_hash_d, defense_spec=spec, task=task, init=clean_attack, epochs=ad_epochs
+                        adaptive, ad_report = g.try_fit(
+                            attack_name, da, cut=cut, model=model_d, model_hash=model_hash_d, defense_spec=spec, task=task,
+                            init=clean_attack, epochs=ad_epochs,
                         )
                     variants.append((True, adaptive, ad_report))
                     variants.append((False, clean_attack, clean_report))
                 for is_adaptive, attack, report in variants:
-                    rows.append(_row(g, common, attack_name, is_adaptive, attack, report, de, out, save_grid))
+                    with g.phase("scoring"):
+                        rows.append(_row(g, common, attack_name, is_adaptive, attack, report, de, out, save_grid))
 
     _flag_inversions(rows)
     result = AuditResult(
@@ -394,7 +447,8 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
         model=g.model_info,
         data={
             "spec": cfg.data, **g.splits.summary(), "shape": list(g.dataset.shape), "labelled": g.dataset.y is not None,
-            "hash": g.data_hash, "license": g.dataset.license,
+            "hash": g.data_hash, "license": g.dataset.license, "attacker_aux": g.attacker,
+            "aux_data": cfg.aux_data, "aux_queries": cfg.aux_queries,
         },
         environment=_environment(g.device),
         cuts=tuple(cut_infos),
@@ -404,6 +458,7 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
             "cuts": [c.name for c in g.cuts], "threshold": cfg.threshold, "command": cfg.command,
             "skipped_cuts": [list(s) for s in g.discovery.skipped], "seconds": round(time.perf_counter() - t_start, 1),
             "cache": {"hits": g.cache.hits, "misses": g.cache.misses, "enabled": g.cache.enabled},
+            "timings": {k: round(v, 2) for k, v in g.timings.items()},
         },
         threshold=cfg.threshold,
         notes=tuple(dict.fromkeys(g.notes)),
@@ -416,11 +471,45 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
     return result
 
 
+def _utility(g: _Grid, model_d: nn.Module, cut: str, defense: Defense) -> tuple[float | None, float | None]:
+    """Accuracy and top-1 agreement with the undefended model, averaged over draws if stochastic."""
+    draws = g.profile["draws"] if defense.stochastic else 1
+    accs, agrees = [], []
+    for i in range(draws):
+        ugen = job_generator(g.config.seed, cut, defense.spec, "utility", i)
+        transform = None if defense.spec == "none" else (lambda z, _g=ugen: defense.apply(z, generator=_g))
+        pred = g._predict(model_d, cut if transform else None, transform)
+        if pred is None:
+            continue
+        if g.y_eval is not None:
+            accs.append(float((pred == g.y_eval).float().mean()))
+        if g.clean_pred is not None:
+            agrees.append(float((pred == g.clean_pred).float().mean()))
+    return (sum(accs) / len(accs) if accs else None, sum(agrees) / len(agrees) if agrees else None)
+
+
+def _defended_latency(g: _Grid, model_d: nn.Module, cut: str, defense: Defense, sample1, sample64) -> tuple[float, float]:
+    """Median device time of head + defense at batch 1 and 64 (measured, never assumed)."""
+    reps = g.profile["latency_repeats"]
+    lgen = job_generator(g.config.seed, cut, defense.spec, "latency")
+    tf = lambda z: defense.apply(z, generator=lgen)  # noqa: E731
+    return (
+        head_latency_ms(model_d, cut, sample1, transform=tf, repeats=reps),
+        head_latency_ms(model_d, cut, sample64, transform=tf, repeats=max(3, reps // 3)),
+    )
+
+
 def _r(v: float | None, nd: int = 5) -> float | None:
     return None if v is None else round(v, nd)
 
 
 def _row(g: _Grid, common: dict, attack_name: str, adaptive: bool, attack, report: dict, z_eval_def, out, save_grid) -> ResultRow:
+    if attack is None:
+        nan = math.nan
+        return ResultRow(
+            attack=attack_name, adaptive=adaptive, ssim=nan, ssim_ci=(nan, nan), psnr=nan, psnr_ci=(nan, nan), converged=False,
+            status="failed", error=report.get("error"), flags=(f"attack failed: {report.get('error')}",), **common,
+        )
     scored = g.score(attack, z_eval_def)
     gen = job_generator(g.config.seed, common["cut"], common["defense"], attack_name, "bootstrap")
     s = summarize(scored.ssim, generator=gen)
@@ -479,7 +568,7 @@ def _prepare_model(g: _Grid, defense: Defense, cut: str | None):
     ctx = PrepareContext(
         x_train=g.splits.victim.x.to(g.device), y_train=None if g.splits.victim.y is None else g.splits.victim.y.to(g.device),
         x_eval=g.x_eval, y_eval=g.y_eval, profile=g.config.profile,
-        generator=job_generator(g.config.seed, defense.spec, cut, "prepare", device=g.device),
+        generator=job_generator(g.config.seed, defense.spec, cut, "prepare"),
     )
     key = key_of("prepared", g.model_hash, g.data_hash, defense.spec, cut, g.config.profile, g.config.seed)
     hit = g.cache.get("models", key)

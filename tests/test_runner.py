@@ -1,0 +1,104 @@
+"""The grid: defenses against an adaptive attacker, flags, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from audit.results import ResultRow
+from audit.runner import AuditConfig, _flag_inversions, job_generator, run_audit
+from tests.conftest import write_tiny_npz
+
+
+@pytest.fixture(scope="module")
+def noise_audit(tmp_path_factory):
+    """One audit of the tiny model's first conv under rising noise (shared by several tests)."""
+    d = tmp_path_factory.mktemp("noise")
+    npz = write_tiny_npz(d / "d.npz", n=400)
+    cfg = AuditConfig(
+        model="tests/tiny.py:build", data=str(npz), cuts=("stem",), profile="quick", seed=1, use_cache=False,
+        defenses=("none", "noise:sigma=0.3", "noise:sigma=1", "noise:sigma=3"),
+    )
+    return run_audit(cfg)
+
+
+def test_ssim_falls_as_sigma_rises(noise_audit):
+    ssims = [noise_audit.headline("stem", d).ssim for d in noise_audit.defenses()]
+    assert ssims == sorted(ssims, reverse=True), ssims
+    assert ssims[0] - ssims[-1] > 0.1
+
+
+def test_adaptive_attacker_does_at_least_as_well_as_the_naive_one_on_noise(noise_audit):
+    for d in noise_audit.defenses()[1:]:
+        adaptive = next(r for r in noise_audit.rows(defense=d) if r.adaptive)
+        naive = next(r for r in noise_audit.rows(defense=d) if not r.adaptive)
+        assert adaptive.ssim >= naive.ssim - 0.01, (d, adaptive.ssim, naive.ssim)
+        assert noise_audit.headline("stem", d).ssim == max(adaptive.ssim, naive.ssim)
+
+
+def test_defense_latency_is_measured_not_assumed(noise_audit):
+    none = noise_audit.headline("stem", "none")
+    assert none.latency_overhead_ms == 0
+    noisy = noise_audit.rows(defense="noise:sigma=3,kind=gaussian")
+    assert all(r.latency_ms > 0 and r.latency_overhead_ms != 0 for r in noisy)
+    assert all(r.latency_ms_b64 is not None and r.latency_ms_b64 > 0 for r in noisy)
+    assert noise_audit.environment["threads"] >= 1
+
+
+def test_noise_costs_accuracy_and_agreement(noise_audit):
+    none = noise_audit.headline("stem", "none")
+    loud = noise_audit.headline("stem", "noise:sigma=3,kind=gaussian")
+    assert none.agreement == 1.0
+    assert loud.agreement < 1.0
+
+
+def test_job_generator_depends_on_the_job_not_the_order():
+    a = torch.rand(3, generator=job_generator(0, "conv1", "none", "decoder"))
+    b = torch.rand(3, generator=job_generator(0, "conv1", "none", "decoder"))
+    c = torch.rand(3, generator=job_generator(0, "conv2", "none", "decoder"))
+    d = torch.rand(3, generator=job_generator(1, "conv1", "none", "decoder"))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
+
+
+def _row(cut, ssim, ci, defense="none"):
+    return ResultRow(cut=cut, defense=defense, attack="decoder", adaptive=False, ssim=ssim, ssim_ci=ci, psnr=20.0,
+                     psnr_ci=(19.0, 21.0), baseline_ssim=0.1, n_eval=100)
+
+
+def test_a_cut_that_leaks_less_than_a_deeper_one_is_flagged():
+    rows = [_row("a", 0.5, (0.48, 0.52)), _row("b", 0.7, (0.68, 0.72)), _row("c", 0.51, (0.49, 0.53))]
+    _flag_inversions(rows)
+    assert rows[0].flags and "deeper cut b" in rows[0].flags[0]
+    assert not rows[1].flags and not rows[2].flags
+    # overlapping intervals are not flagged, and noise rows are never compared across cuts
+    rows = [_row("a", 0.5, (0.4, 0.6)), _row("b", 0.55, (0.5, 0.6))]
+    noisy = [_row("a", 0.2, (0.19, 0.21), "noise:sigma=1"), _row("b", 0.7, (0.69, 0.71), "noise:sigma=1")]
+    _flag_inversions(rows)
+    _flag_inversions(noisy)
+    assert not any(r.flags for r in rows + noisy)
+
+
+def test_attacker_knowledge_options_are_recorded_and_weaken_the_attack(tmp_path):
+    npz = write_tiny_npz(tmp_path / "d.npz", n=300)
+    other = write_tiny_npz(tmp_path / "other.npz", n=300, seed=5)
+    base = dict(model="tests/tiny.py:build", data=str(npz), cuts=("stem",), profile="quick", use_cache=False)
+    same = run_audit(AuditConfig(**base))
+    ood = run_audit(AuditConfig(**base, aux_data=str(other)))
+    noise = run_audit(AuditConfig(**base, aux_queries="noise"))
+    assert "disjoint" in same.data["attacker_aux"]
+    assert "another distribution" in ood.data["attacker_aux"] and ood.data["aux_data"] == str(other)
+    assert "random inputs" in noise.data["attacker_aux"]
+    # Random queries teach the decoder less about real images than real aux images do.
+    assert noise.headline("stem", "none").ssim < same.headline("stem", "none").ssim
+
+
+def test_aux_data_must_match_the_input_shape(tmp_path):
+    import numpy as np
+
+    from audit.errors import DataError
+
+    npz = write_tiny_npz(tmp_path / "d.npz", n=100)
+    rgb = tmp_path / "rgb.npz"
+    np.savez(rgb, x=np.zeros((50, 3, 12, 12), np.uint8))
+    with pytest.raises(DataError, match="shape"):
+        run_audit(AuditConfig(model="tests/tiny.py:build", data=str(npz), aux_data=str(rgb), profile="quick", use_cache=False))
