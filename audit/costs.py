@@ -73,6 +73,42 @@ def head_latency_ms(model: nn.Module, cut: str, sample: torch.Tensor, *, transfo
     return median_ms(fn, warmup=warmup, repeats=repeats, sync=_sync_for(sample))
 
 
+def paired_median_ms(fn_a: Callable[[], object], fn_b: Callable[[], object], *, warmup: int = 3, repeats: int = 15,
+                     sync: Callable[[], None] | None = None) -> tuple[float, float]:
+    """Medians of two functions timed in alternation, so that load changes hit both equally.
+
+    Used for a defense's overhead: head alone vs head + defense, measured side by side rather than
+    minutes apart, where a busy machine would turn noise into a (possibly negative) overhead.
+    """
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, acc in ((fn_a, ta), (fn_b, tb)):
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            acc.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ta), statistics.median(tb)
+
+
+@torch.no_grad()
+def defense_latency_ms(model: nn.Module, defended: nn.Module, cut: str, sample: torch.Tensor, transform, *, repeats: int = 15) -> tuple[float, float]:
+    """(head alone on ``model``, head + ``transform`` on ``defended``), timed in alternation."""
+    model.eval()
+    defended.eval()
+    return paired_median_ms(
+        lambda: head_forward(model, cut, sample),
+        lambda: transform(head_forward(defended, cut, sample)),
+        repeats=repeats,
+        sync=_sync_for(sample),
+    )
+
+
 @torch.no_grad()
 def full_latency_ms(model: nn.Module, sample: torch.Tensor, *, warmup: int = 3, repeats: int = 15) -> float:
     model.eval()

@@ -30,7 +30,7 @@ from attacks.base import AttackContext, make_attack
 from attacks.training import TrainConfig, train
 from audit import __version__
 from audit.cache import Cache, key_of
-from audit.costs import bytes_per_sample, head_flops, head_latency_ms
+from audit.costs import bytes_per_sample, defense_latency_ms, head_flops, head_latency_ms
 from audit.cuts import Discovery, capture, discover_cuts, head_forward, predict, run_model
 from audit.data import Dataset, Splits, data_hash, load_data, make_splits
 from audit.errors import DataError, ModelError, SpecError, UserError
@@ -409,14 +409,14 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
                 acc, agree = _utility(g, model_d, cut.name, defense)
             with g.phase("latency"):
                 if spec == "none":
-                    lat_d1, lat_d64 = lat1, lat64
+                    base1, lat_d1, base64, lat_d64 = lat1, lat1, lat64, lat64
                 else:
-                    lat_d1, lat_d64 = _defended_latency(g, model_d, cut.name, defense, sample1, sample64)
+                    base1, lat_d1, base64, lat_d64 = _defended_latency(g, model_d, cut.name, defense, sample1, sample64)
 
             common = dict(
                 cut=cut.name, defense=spec, n_eval=int(g.x_eval.shape[0]), accuracy=_r(acc), agreement=_r(agree),
-                latency_ms=round(lat_d1, 4), latency_overhead_ms=round(lat_d1 - lat1, 4), latency_ms_b64=round(lat_d64, 4),
-                latency_overhead_ms_b64=round(lat_d64 - lat64, 4), epsilon=dinfo.get("epsilon"), delta=dinfo.get("delta"),
+                latency_ms=round(lat_d1, 4), latency_overhead_ms=round(lat_d1 - base1, 4), latency_ms_b64=round(lat_d64, 4),
+                latency_overhead_ms_b64=round(lat_d64 - base64, 4), epsilon=dinfo.get("epsilon"), delta=dinfo.get("delta"),
                 baseline_ssim=round(g.baseline_ssim, 5), baseline_psnr=round(g.baseline_psnr, 3),
                 bytes_per_sample=defense.wire_bytes(cut.shape), defense_info={**dinfo, **defense.info()},
             )
@@ -488,15 +488,14 @@ def _utility(g: _Grid, model_d: nn.Module, cut: str, defense: Defense) -> tuple[
     return (sum(accs) / len(accs) if accs else None, sum(agrees) / len(agrees) if agrees else None)
 
 
-def _defended_latency(g: _Grid, model_d: nn.Module, cut: str, defense: Defense, sample1, sample64) -> tuple[float, float]:
-    """Median device time of head + defense at batch 1 and 64 (measured, never assumed)."""
+def _defended_latency(g: _Grid, model_d: nn.Module, cut: str, defense: Defense, sample1, sample64) -> tuple[float, float, float, float]:
+    """Device time of head alone and of head + defense at batch 1 and 64 (measured side by side)."""
     reps = g.profile["latency_repeats"]
     lgen = job_generator(g.config.seed, cut, defense.spec, "latency")
     tf = lambda z: defense.apply(z, generator=lgen)  # noqa: E731
-    return (
-        head_latency_ms(model_d, cut, sample1, transform=tf, repeats=reps),
-        head_latency_ms(model_d, cut, sample64, transform=tf, repeats=max(3, reps // 3)),
-    )
+    base1, d1 = defense_latency_ms(g.model, model_d, cut, sample1, tf, repeats=reps)
+    base64, d64 = defense_latency_ms(g.model, model_d, cut, sample64, tf, repeats=max(3, reps // 3))
+    return base1, d1, base64, d64
 
 
 def _r(v: float | None, nd: int = 5) -> float | None:

@@ -1,0 +1,378 @@
+"""The self-contained HTML leakage report: one file, inline CSS, images as data URIs, no script.
+
+A privacy reviewer opens this file from disk, possibly on a machine with no network, so nothing in
+it may point outside itself. Every string that comes from the user (module names, specs, file paths,
+the command line) reaches the page only through jinja2 with autoescape on; this module never builds
+markup by hand. The only values marked safe are the data URIs this module makes itself.
+
+The report reads the same :class:`~audit.results.AuditResult` as the console and the gate, and uses
+:meth:`AuditResult.headline` (the strongest attack, adaptive or not) for every verdict, with the
+wording of :func:`audit.report.console.verdict`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from audit.report.console import verdict
+from audit.report.plots import CurvePoint, TradePoint, leakage_curve, pareto_front, tradeoff
+from audit.results import AuditResult, ResultRow, atomic_write_text
+
+TEMPLATES = Path(__file__).parent / "templates"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_IMAGE_BYTES = 4 * 1024 * 1024  # one grid; a larger file is not a grid this tool wrote
+
+DPSGD_NOTE = (
+    "DP-SGD bounds what the weights reveal about the training data, not what an activation reveals "
+    "about an inference input."
+)
+
+
+# --- view model ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    """One sentence of the summary: a (cut, defense) headline against the threshold."""
+
+    cut: str
+    defense: str
+    undefended: bool
+    text: str  # verdict() wording
+    kind: str  # leak | noleak | failed | bound
+    ssim: float
+    lo: float
+    hi: float
+    straddles: bool
+    attack: str
+    accuracy_note: str = ""
+
+
+@dataclass(frozen=True)
+class CutSummary:
+    cut: str
+    shape: str
+    undefended: Verdict | None
+    best: Verdict | None
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One image grid (one result row)."""
+
+    defense: str
+    attack: str
+    headline: bool
+    row: ResultRow
+    uri: str | None
+    missing: str | None  # why there is no image
+
+
+@dataclass
+class CutGrids:
+    cut: str
+    figures: list[Figure] = field(default_factory=list)
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+def _num(v: Any, nd: int = 3) -> str:
+    if v is None or isinstance(v, bool):
+        return "n/a" if v is None else str(v)
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if math.isnan(f):
+        return "n/a"
+    if math.isinf(f):
+        return "∞" if f > 0 else "−∞"
+    return f"{f:.{nd}f}"
+
+
+def _kb(n: Any) -> str:
+    return "n/a" if n is None else f"{n / 1024:.2f}"
+
+
+def _mflops(n: Any) -> str:
+    return "n/a" if n is None else f"{n / 1e6:.3f}"
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def _value(v: Any) -> str:
+    """A config or environment value as one readable line."""
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v, default=str)
+    return "n/a" if v is None else str(v)
+
+
+def _attack_name(row: ResultRow) -> str:
+    return row.attack + (" (adaptive)" if row.adaptive else "")
+
+
+def _kind(row: ResultRow, threshold: float) -> str:
+    if row.status == "failed":
+        return "failed"
+    if row.ssim > threshold:
+        return "leak"
+    return "bound" if (not row.converged or row.flags) else "noleak"
+
+
+def _finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def image_uri(base: Path | None, rel: str | None) -> tuple[str | None, str | None]:
+    """(data URI, None) for a grid PNG under ``base``, or (None, the reason there is none).
+
+    Only a PNG inside the results folder is embedded: results.json may come from someone else, and
+    a crafted path must not pull an arbitrary local file into a report that gets shared.
+    """
+    if not rel:
+        return None, "no image was saved for this row"
+    if base is None:
+        return None, f"image {rel} not embedded: the report was rendered without the results folder"
+    try:
+        root = Path(base).resolve()
+        path = (root / rel).resolve()
+        if not path.is_relative_to(root):
+            return None, f"image {rel} not embedded: its path leaves the results folder"
+        if not path.is_file():
+            return None, f"image {rel} is missing"
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            return None, f"image {rel} not embedded: larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MB"
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, f"image {rel} could not be read ({exc.strerror or exc})"
+    if not data.startswith(PNG_SIGNATURE):
+        return None, f"image {rel} not embedded: not a PNG file"
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii"), None
+
+
+def _verdict(result: AuditResult, row: ResultRow, *, undefended: bool, ref_acc: float | None) -> Verdict:
+    thr = result.threshold
+    lo, hi = row.ssim_ci
+    acc_note = ""
+    if not undefended and row.accuracy is not None:
+        acc_note = f"accuracy {_pct(row.accuracy)}"
+        if ref_acc is not None:
+            acc_note += f" ({100 * (row.accuracy - ref_acc):+.1f} points)".replace("-", "−")
+    return Verdict(
+        cut=row.cut, defense=row.defense, undefended=undefended, text=verdict(row, thr), kind=_kind(row, thr),
+        ssim=row.ssim, lo=lo, hi=hi,
+        straddles=_finite(lo) and _finite(hi) and lo <= thr < hi, attack=_attack_name(row), accuracy_note=acc_note,
+    )
+
+
+def _reference_accuracy(result: AuditResult, cut: str, row: ResultRow | None = None) -> float | None:
+    """Accuracy of the undefended model: the ``none`` row at this cut, else what the defense recorded."""
+    ref = result.headline(cut, "none")
+    if ref is not None and ref.accuracy is not None:
+        return ref.accuracy
+    if row is not None:
+        before = row.defense_info.get("accuracy_before")
+        if isinstance(before, (int, float)):
+            return float(before)
+    return None
+
+
+# --- context ------------------------------------------------------------------------------------------
+def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str, Any]:
+    """Everything the template shows, as plain data; the template only lays it out."""
+    thr = result.threshold
+    cut_names = [c.name for c in result.cuts]
+    for r in result.results:  # rows for a cut the cuts list does not name still show up
+        if r.cut not in cut_names:
+            cut_names.append(r.cut)
+    defenses = result.defenses()
+    cut_info = {c.name: c for c in result.cuts}
+
+    # 1. verdicts
+    summaries: list[CutSummary] = []
+    for cut in cut_names:
+        undef = result.headline(cut, "none")
+        others = [h for d in defenses if d != "none" and (h := result.headline(cut, d)) is not None]
+        best = min(others, key=lambda r: (r.ssim if _finite(r.ssim) else math.inf, -(r.accuracy or 0))) if others else None
+        info = cut_info.get(cut)
+        summaries.append(
+            CutSummary(
+                cut=cut, shape="×".join(map(str, info.shape)) if info else "n/a",
+                undefended=_verdict(result, undef, undefended=True, ref_acc=None) if undef else None,
+                best=_verdict(result, best, undefended=False, ref_acc=_reference_accuracy(result, cut, best)) if best else None,
+            )
+        )
+    n_leak_undef = sum(1 for s in summaries if s.undefended and s.undefended.kind == "leak")
+    n_undef = sum(1 for s in summaries if s.undefended)
+    n_leak_best = sum(1 for s in summaries if s.best and s.best.kind == "leak")
+    n_best = sum(1 for s in summaries if s.best)
+
+    # 2. leakage curve: headline rows by cut position
+    series: dict[str, list[CurvePoint]] = {}
+    headlines: list[ResultRow] = []
+    for d in defenses:
+        for pos, cut in enumerate(cut_names):
+            h = result.headline(cut, d)
+            if h is None:
+                continue
+            headlines.append(h)
+            series.setdefault(d, []).append(CurvePoint(pos, h.ssim, *h.ssim_ci, h.psnr, *h.psnr_ci))
+    base_ssim = next((r.baseline_ssim for r in result.results if _finite(r.baseline_ssim)), None)
+    base_psnr = next((r.baseline_psnr for r in result.results if _finite(r.baseline_psnr)), None)
+    curve_uri = leakage_curve(cut_names, series, threshold=thr, baseline_ssim=base_ssim, baseline_psnr=base_psnr) if series else None
+
+    # 3. trade-off: headline rows; utility loss = accuracy drop, or disagreement without labels
+    use_acc = all(h.accuracy is not None and _reference_accuracy(result, h.cut, h) is not None for h in headlines)
+    trade: list[TradePoint] = []
+    for h in headlines:
+        if use_acc:
+            loss = 100 * (_reference_accuracy(result, h.cut, h) - h.accuracy)
+        else:
+            loss = 100 * (1 - h.agreement) if h.agreement is not None else math.nan
+        if h.defense == "none":
+            over = 0.0
+        elif h.latency_overhead_ms is None:
+            over = math.nan
+        else:
+            over = max(0.0, h.latency_overhead_ms)  # below zero is timing noise
+        trade.append(TradePoint(label=f"{h.cut} / {h.defense}", defense=h.defense, ssim=h.ssim, utility_loss=loss, overhead_ms=over))
+    # What a (cut, defense) pair costs beyond the split itself: leakage, utility, device time.
+    front = set(pareto_front([(p.ssim, p.utility_loss, p.overhead_ms) for p in trade]))
+    trade = [TradePoint(**{**p.__dict__, "pareto": i in front}) for i, p in enumerate(trade)]
+    utility_label = "accuracy drop vs the undefended model (points)" if use_acc else "predictions changed vs the undefended model (%)"
+    trade_uri = tradeoff(trade, threshold=thr, defenses=defenses, utility_label=utility_label) if trade else None
+    pareto_rows = [(p, h) for p, h in zip(trade, headlines) if p.pareto]
+
+    # 4. image grids: every row, the headline first
+    grids: list[CutGrids] = []
+    for cut in cut_names:
+        g = CutGrids(cut)
+        for d in defenses:
+            h = result.headline(cut, d)
+            rows = sorted(result.rows(cut=cut, defense=d), key=lambda r: (r is not h, r.attack, r.adaptive))
+            for r in rows:
+                uri, missing = image_uri(base, r.images)
+                g.figures.append(Figure(defense=d, attack=_attack_name(r), headline=r is h, row=r, uri=uri, missing=missing))
+        if g.figures:
+            grids.append(g)
+
+    # 5. cost table: one block per cut, one line per defense
+    costs = []
+    for cut in cut_names:
+        info = cut_info.get(cut)
+        lines = [(d, h) for d in defenses if (h := result.headline(cut, d)) is not None]
+        costs.append({"cut": cut, "info": info, "lines": lines})
+
+    # 6. caveats
+    gaps = []
+    for cut in cut_names:
+        for d in defenses:
+            if d == "none":
+                continue
+            rows = result.rows(cut=cut, defense=d)
+            for attack in dict.fromkeys(r.attack for r in rows):
+                ad = [r for r in rows if r.attack == attack and r.adaptive and r.status != "failed"]
+                na = [r for r in rows if r.attack == attack and not r.adaptive and r.status != "failed"]
+                if ad and na:
+                    gaps.append({"cut": cut, "defense": d, "attack": attack, "plain": na[0].ssim, "adaptive": ad[0].ssim,
+                                 "gap": ad[0].ssim - na[0].ssim})
+    dp = []
+    for d in defenses:
+        r = next((r for r in result.rows(defense=d) if r.defense.split(":")[0] == "dpsgd" or r.epsilon is not None), None)
+        if r is None:
+            continue
+        info = r.defense_info
+        dp.append({
+            "defense": d, "epsilon": r.epsilon if r.epsilon is not None else info.get("epsilon"),
+            "delta": r.delta if r.delta is not None else info.get("delta"),
+            "before": info.get("accuracy_before"), "after": info.get("accuracy_after"),
+            "layers": info.get("changed_layers"), "note": info.get("note") or DPSGD_NOTE,
+        })
+    flags = [{"row": r, "flag": f} for r in result.results for f in r.flags]
+    row_notes = list(dict.fromkeys(f"{r.cut} / {r.defense} / {_attack_name(r)}: {n}" for r in result.results for n in r.notes))
+    failed = [r for r in result.results if r.status == "failed"]
+    negative_overheads = sorted({r.defense for r in result.results if r.latency_overhead_ms is not None and r.latency_overhead_ms < 0})
+    attacks = list(dict.fromkeys(r.attack for r in result.results)) or list(result.config.get("attacks", []))
+    any_adaptive = any(r.adaptive for r in result.results)
+    nonadaptive_only = [
+        (c, d) for c in cut_names for d in defenses
+        if d != "none" and result.rows(cut=c, defense=d) and not any(r.adaptive for r in result.rows(cut=c, defense=d))
+    ]
+
+    # 7. reproducibility
+    cfg = dict(result.config)
+    command = cfg.pop("command", None)
+    if isinstance(command, (list, tuple)):
+        import shlex
+
+        command = shlex.join(str(a) for a in command)
+    repro_run = [("created", result.created), ("seed", result.seed), ("threshold (SSIM)", _num(thr, 2))]
+    repro_run += [(k, _value(v)) for k, v in cfg.items() if k != "threshold"]
+
+    return {
+        "r": result,
+        "threshold": thr,
+        "cut_names": cut_names,
+        "defenses": defenses,
+        "summaries": summaries,
+        "counts": {"leak_undef": n_leak_undef, "undef": n_undef, "leak_best": n_leak_best, "best": n_best},
+        "curve_uri": curve_uri,
+        "trade_uri": trade_uri,
+        "pareto_rows": pareto_rows,
+        "cut_ms": {c: (cut_info[c].head_latency_ms if c in cut_info else None) for c in cut_names},
+        "cut_bytes": {c: (cut_info[c].bytes_per_sample if c in cut_info else None) for c in cut_names},
+        "utility_label": utility_label,
+        "use_acc": use_acc,
+        "base_ssim": base_ssim,
+        "base_psnr": base_psnr,
+        "grids": grids,
+        "costs": costs,
+        "gaps": gaps,
+        "dp": dp,
+        "flags": flags,
+        "row_notes": row_notes,
+        "failed": failed,
+        "negative_overheads": negative_overheads,
+        "attacks": attacks,
+        "any_adaptive": any_adaptive,
+        "nonadaptive_only": nonadaptive_only,
+        "n_eval": next((r.n_eval for r in result.results), result.data.get("n_eval")),
+        "command": command,
+        "repro_run": repro_run,
+        "repro_model": [(k, _value(v)) for k, v in result.model.items()],
+        "repro_data": [(k, _value(v)) for k, v in result.data.items()],
+        "repro_env": [(k, _value(v)) for k, v in result.environment.items()],
+    }
+
+
+# --- rendering ------------------------------------------------------------------------------------------
+def _environment(threshold: float) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        autoescape=True,  # every template, whatever its name: names from the user are never markup
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(
+        num=_num, kb=_kb, mflops=_mflops, pct=_pct,
+        verdict=lambda row: verdict(row, threshold), kind=lambda row: _kind(row, threshold),
+    )
+    env.tests["finite"] = _finite
+    return env
+
+
+def render_report(result: AuditResult, *, base: Path | None = None) -> str:
+    """The report as one HTML string. ``base`` is the folder of results.json (image paths resolve there)."""
+    return _environment(result.threshold).get_template("report.html").render(**build_context(result, base=Path(base) if base is not None else None))
+
+
+def write_report(result: AuditResult, path: Path, *, base: Path | None = None) -> Path:
+    atomic_write_text(Path(path), render_report(result, base=base))
+    return Path(path)

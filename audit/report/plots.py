@@ -1,0 +1,200 @@
+"""Static plots for the HTML report, drawn with matplotlib's Agg/SVG backends and returned as data URIs.
+
+The plots are embedded as ``<img src="data:image/svg+xml;base64,...">`` rather than inline ``<svg>``:
+an SVG shown through ``<img>`` can neither run script nor fetch anything, so names that come from the
+user (cut and defense names become tick labels and legend entries) cannot turn into live markup, and
+the ids matplotlib writes into each SVG cannot collide between plots. Mathtext is switched off so a
+``$`` in a module name is drawn as a dollar sign instead of failing to parse.
+
+``pareto_front`` is the pure core of the trade-off plot and is tested on its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")  # never open a window; must precede pyplot
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+# Colour-blind-safe cycle (Okabe-Ito); "none" always gets the first colour.
+PALETTE = ("#d55e00", "#0072b2", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#000000", "#f0e442")
+
+_RC = {
+    "text.parse_math": False,
+    "svg.fonttype": "path",  # glyphs as paths: no font lookup in the viewer
+    "svg.hashsalt": "splitaudit",  # deterministic ids: the same results render the same bytes
+    "font.size": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+}
+
+
+# --- the pure part ---------------------------------------------------------------------------------
+def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
+    """Indices of the points no other point dominates, every coordinate to be minimized.
+
+    ``a`` dominates ``b`` when it is no worse in every coordinate and strictly better in one. Equal
+    points do not dominate each other, so duplicates on the front are all kept. A point with a NaN
+    coordinate is not comparable: it is never on the front and never dominates. The result is in
+    input order.
+    """
+    pts = [tuple(float(v) for v in p) for p in points]
+    if pts and len({len(p) for p in pts}) != 1:
+        raise ValueError("all points must have the same number of coordinates")
+    valid = [i for i, p in enumerate(pts) if not any(math.isnan(v) for v in p)]
+
+    def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+        return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+    return [i for i in valid if not any(dominates(pts[j], pts[i]) for j in valid if j != i)]
+
+
+# --- plot inputs -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CurvePoint:
+    """One (cut, defense) headline number on the leakage curve."""
+
+    cut_pos: int  # position of the cut in execution order
+    ssim: float
+    ssim_lo: float
+    ssim_hi: float
+    psnr: float
+    psnr_lo: float
+    psnr_hi: float
+
+
+@dataclass(frozen=True)
+class TradePoint:
+    """One (cut, defense) pair on the trade-off plot."""
+
+    label: str
+    defense: str
+    ssim: float
+    utility_loss: float  # accuracy drop (or disagreement) in percentage points
+    overhead_ms: float  # the defense's latency overhead on the device (batch 1); timing noise below 0 counts as 0
+    pareto: bool = False
+
+
+def colors_for(defenses: Sequence[str]) -> dict[str, str]:
+    return {d: PALETTE[i % len(PALETTE)] for i, d in enumerate(defenses)}
+
+
+# --- rendering -------------------------------------------------------------------------------------
+def _finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def _to_uri(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+    plt.close(fig)
+    return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def leakage_curve(
+    cuts: Sequence[str],
+    series: dict[str, list[CurvePoint]],
+    *,
+    threshold: float,
+    baseline_ssim: float | None = None,
+    baseline_psnr: float | None = None,
+) -> str:
+    """SSIM and PSNR by cut in execution order, one line per defense with its 95% interval band."""
+    colors = colors_for(list(series))
+    with plt.rc_context(_RC):
+        width = min(11.0, max(7.5, 0.55 * len(cuts) * 2 + 2))
+        rotate = len(cuts) > 4 or max((len(c) for c in cuts), default=0) > 10
+        n_legend = len(series) + 1 + _finite(baseline_ssim)
+        legend_in = 0.25 * math.ceil(n_legend / 6)
+        height = (3.5 if rotate else 3.1) + legend_in
+        fig, (ax_s, ax_p) = plt.subplots(1, 2, figsize=(width, height))
+        # Fixed margins, not a layout engine: each engine pass redraws every text, which doubles the time.
+        fig.subplots_adjust(left=0.07, right=0.985, top=1 - 0.3 / height, bottom=((0.9 if rotate else 0.55) + legend_in) / height, wspace=0.22)
+        x = list(range(len(cuts)))
+        for defense, pts in series.items():
+            pts = sorted(pts, key=lambda p: p.cut_pos)
+            c = colors[defense]
+            for ax, key in ((ax_s, "ssim"), (ax_p, "psnr")):
+                xs = [p.cut_pos for p in pts if _finite(getattr(p, key))]
+                ys = [getattr(p, key) for p in pts if _finite(getattr(p, key))]
+                lo = [getattr(p, key + "_lo") for p in pts if _finite(getattr(p, key))]
+                hi = [getattr(p, key + "_hi") for p in pts if _finite(getattr(p, key))]
+                if not xs:
+                    continue
+                ax.plot(xs, ys, marker="o", ms=4, lw=1.6, color=c, label=defense)
+                if all(_finite(v) for v in lo + hi):
+                    ax.fill_between(xs, lo, hi, color=c, alpha=0.18, lw=0)
+        ax_s.axhline(threshold, color="#b00020", ls="--", lw=1.2, label=f"threshold {threshold:.2f}")
+        if _finite(baseline_ssim):
+            ax_s.axhline(baseline_ssim, color="#777777", ls=":", lw=1.2, label="no-information baseline")
+        if _finite(baseline_psnr):
+            ax_p.axhline(baseline_psnr, color="#777777", ls=":", lw=1.2, label="no-information baseline")
+        ax_s.set_ylim(min(0.0, ax_s.get_ylim()[0]), 1.0)
+        ax_s.set_ylabel("SSIM (higher = more recognizable)")
+        ax_p.set_ylabel("PSNR dB (higher = closer)")
+        for ax in (ax_s, ax_p):
+            ax.set_xticks(x, [_short(c) for c in cuts], rotation=35 if rotate else 0, ha="right" if rotate else "center",
+                          rotation_mode="anchor")
+            ax.set_xlabel("cut, in execution order (input side → output side)")
+            ax.set_xlim(-0.4, max(0.4, len(cuts) - 0.6))
+        ax_s.set_title("SSIM by cut, mean and 95% interval", fontsize=9)
+        ax_p.set_title("PSNR by cut, mean and 95% interval", fontsize=9)
+        handles, labels = ax_s.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+        return _to_uri(fig)
+
+
+def tradeoff(points: Sequence[TradePoint], *, threshold: float, defenses: Sequence[str], utility_label: str) -> str:
+    """Leakage against utility loss (left) and against the defense's latency overhead (right).
+
+    Pareto-optimal pairs are ringed and named in both panels, so a reader can follow one pair across.
+    """
+    colors = colors_for(defenses)
+    with plt.rc_context(_RC):
+        height = 4.2
+        fig, (ax_u, ax_l) = plt.subplots(1, 2, figsize=(10.0, height))
+        fig.subplots_adjust(left=0.07, right=0.985, top=1 - 0.3 / height, bottom=0.85 / height, wspace=0.2)
+        for d in defenses:
+            pts = [p for p in points if p.defense == d and _finite(p.ssim)]
+            if not pts:
+                continue
+            ax_u.scatter([p.utility_loss for p in pts], [p.ssim for p in pts], s=30, color=colors[d], alpha=0.85, label=d, zorder=3)
+            ax_l.scatter([p.overhead_ms for p in pts], [p.ssim for p in pts], s=30, color=colors[d], alpha=0.85, zorder=3)
+        front = [p for p in points if p.pareto]
+        for ax, xkey in ((ax_u, "utility_loss"), (ax_l, "overhead_ms")):
+            ax.axhline(threshold, color="#b00020", ls="--", lw=1.2, label=f"threshold {threshold:.2f}" if ax is ax_u else None)
+            ax.scatter([getattr(p, xkey) for p in front], [p.ssim for p in front], s=130, facecolors="none", edgecolors="#111111",
+                       lw=1.2, zorder=4, label="Pareto-optimal" if ax is ax_u else None)
+            ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.05)
+            xs = [getattr(p, xkey) for p in points if _finite(getattr(p, xkey))]
+            lo, hi = (min(xs), max(xs)) if xs else (0.0, 1.0)
+            if hi - lo < 1e-9:
+                ax.set_xlim(lo - 1, hi + 1)
+            mid = (lo + hi) / 2
+            for p in front:  # labels point inwards so they stay inside the axes
+                x = getattr(p, xkey)
+                right = x > mid and hi > lo
+                ax.annotate(_short(p.label, 24), (x, p.ssim), xytext=(-7 if right else 7, 4), textcoords="offset points",
+                            ha="right" if right else "left", fontsize=7, color="#333333")
+            ax.set_ylabel("SSIM of the strongest attack")
+        ax_u.set_xlabel(utility_label)
+        ax_l.set_xlabel("defense latency overhead on the device, batch 1 (ms)")
+        ax_u.set_title("leakage vs utility loss", fontsize=9)
+        ax_l.set_title("leakage vs latency overhead", fontsize=9)
+        handles, labels = ax_u.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+        return _to_uri(fig)
+
+
+def _short(name: str, n: int = 18) -> str:
+    return name if len(name) <= n else name[: n - 1] + "…"
