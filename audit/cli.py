@@ -1,0 +1,188 @@
+"""The ``splitaudit`` command. Each command turns flags into a config, calls one function, renders.
+
+Errors the user can fix exit 2 with one ``error:`` line on stderr and no traceback; a breached gate
+exits 1. Progress goes to stderr; tables to stdout; data to files.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+try:  # typer >= 0.25 vendors click
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover - older typer on top of click
+    import click.exceptions as _cx
+from audit.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Privacy leakage auditor for split inference.")
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+class Profile(str, Enum):
+    quick = "quick"
+    standard = "standard"
+    thorough = "thorough"
+
+
+class AuxQueries(str, Enum):
+    data = "data"
+    noise = "noise"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+DEMO_DEFENSES = ("none", "noise:sigma=0.5", "noise:sigma=2", "dropout:p=0.5")
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["splitaudit", *sys.argv[1:]])
+
+
+def _run_and_render(config) -> None:
+    from audit.progress import RichReporter
+    from audit.report.console import print_audit
+    from audit.runner import run_audit
+
+    with RichReporter(err_console) as reporter:
+        result = run_audit(config, reporter=reporter)
+    print_audit(result, out_console)
+    if config.out:
+        out_console.print(f"wrote {Path(config.out) / 'results.json'} and {Path(config.out) / 'report.html'}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("splitaudit-demo"),
+    profile: Annotated[Profile, typer.Option(help="attack budget")] = Profile.standard,
+    device: Annotated[Device, typer.Option(help="where tensors live")] = Device.auto,
+    seed: Annotated[int, typer.Option()] = 0,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="recompute everything")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="cache location (default ~/.cache/splitaudit)")] = None,
+) -> None:
+    """Audit builtin:lenet on builtin:mnist at every cut with the default defenses."""
+    from audit.runner import AuditConfig
+
+    _run_and_render(
+        AuditConfig(
+            model="builtin:lenet", data="builtin:mnist", defenses=DEMO_DEFENSES, profile=profile.value, device=device.value,
+            seed=seed, out=str(out), use_cache=not no_cache, cache_dir=str(cache_dir) if cache_dir else None, command=_command_line(),
+        )
+    )
+
+
+@app.command()
+def audit(
+    model: Annotated[str, typer.Option(help="builtin:NAME, file.py:callable or module:callable")],
+    data: Annotated[str, typer.Option(help="builtin:NAME, a .npz file or a folder of images")],
+    weights: Annotated[Optional[Path], typer.Option(help="state dict, loaded with weights_only=True")] = None,
+    cut: Annotated[Optional[list[str]], typer.Option("--cut", help="module name; repeat; default every candidate")] = None,
+    defense: Annotated[Optional[list[str]], typer.Option("--defense", help="NAME[:key=value,...]; repeat; default none")] = None,
+    attack: Annotated[Optional[list[str]], typer.Option("--attack", help="attack name; repeat; default decoder")] = None,
+    profile: Annotated[Profile, typer.Option(help="attack budget")] = Profile.standard,
+    device: Annotated[Device, typer.Option(help="where tensors live")] = Device.auto,
+    seed: Annotated[int, typer.Option()] = 0,
+    threshold: Annotated[float, typer.Option(help="SSIM at or below which inputs count as not recognizable")] = 0.3,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("splitaudit-out"),
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="recompute everything")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="cache location (default ~/.cache/splitaudit)")] = None,
+    aux_data: Annotated[Optional[str], typer.Option(help="the attacker's own data (another distribution), a data spec")] = None,
+    aux_queries: Annotated[AuxQueries, typer.Option(help="query the head with aux images, or with random noise only")] = AuxQueries.data,
+) -> None:
+    """Audit a model at every (or the given) cut: leakage, costs, defenses."""
+    from audit.runner import AuditConfig
+
+    _run_and_render(
+        AuditConfig(
+            model=model, data=data, weights=str(weights) if weights else None, cuts=tuple(cut or ()), defenses=tuple(defense or ("none",)),
+            attacks=tuple(attack or ("decoder",)), profile=profile.value, device=device.value, seed=seed, out=str(out),
+            threshold=threshold, use_cache=not no_cache, cache_dir=str(cache_dir) if cache_dir else None, command=_command_line(),
+            aux_data=aux_data, aux_queries=aux_queries.value,
+        )
+    )
+
+
+@app.command()
+def cuts(
+    model: Annotated[str, typer.Option(help="builtin:NAME, file.py:callable or module:callable")],
+    weights: Annotated[Optional[Path], typer.Option(help="state dict, loaded with weights_only=True")] = None,
+    data: Annotated[Optional[str], typer.Option(help="data spec, for the input shape")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(help="C,H,W instead of --data")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """List the candidate cut points: shape, bytes per sample, head FLOPs and latency."""
+    from audit.report.console import cuts_table
+    from audit.runner import list_cuts
+
+    shape = None
+    if input_shape is not None:
+        try:
+            shape = tuple(int(v) for v in input_shape.split(","))
+        except ValueError:
+            raise UserError(f"--input-shape must be C,H,W integers, got {input_shape!r}") from None
+    rows = list_cuts(model, weights=str(weights) if weights else None, data=data, input_shape=shape)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        out_console.print(cuts_table(rows, title=f"candidate cuts of {model}"))
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Argument(help="results.json of an audit")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="HTML file (default: report.html beside results)")] = None,
+) -> None:
+    """Render the HTML report again from saved results."""
+    from audit.report.html import write_report
+    from audit.results import AuditResult
+
+    result = AuditResult.load(results)
+    target = output or results.parent / "report.html"
+    write_report(result, target, base=results.parent)
+    out_console.print(f"wrote {target}")
+
+
+from audit.gate import gate_cli  # noqa: E402
+app.command("gate")(gate_cli)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: map our errors and click's usage errors to exit 2 with a single ``error:`` line."""
+    try:
+        return app(args=argv, standalone_mode=False) or 0  # non-standalone typer returns typer.Exit(code)'s code
+    except UserError as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except _cx.UsageError as exc:
+        err_console.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except typer.Abort:
+        err_console.print("error: interrupted", markup=False)
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("error: interrupted", markup=False)
+        return 130
+    return 0
+
+
+def entry() -> None:
+    """The console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
