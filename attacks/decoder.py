@@ -50,19 +50,19 @@ PROFILES = {
 class InverseNet(nn.Module):
     """Activation (standardized) -> image in [0, 1].
 
-    Channels shrink as resolution grows (``width`` at a quarter of the input size, at least 16 at full
-    size), so the cost per sample stays within a few MFLOPs on a CPU while the low-resolution part,
+    Channels shrink as resolution grows (``width`` at a quarter of the input size, ``min_channels`` at
+    full size), so the cost per sample stays within a few MFLOPs on a CPU while the low-resolution part,
     where the information is entangled, keeps its capacity. Upsampling is bilinear resize + 3x3 conv to
     intermediate sizes on a geometric ladder that ends exactly at the input size.
     """
 
-    def __init__(self, act_shape: tuple[int, ...], input_shape: tuple[int, ...], width: int):
+    def __init__(self, act_shape: tuple[int, ...], input_shape: tuple[int, ...], width: int, min_channels: int = 16):
         super().__init__()
         c_out, h_out, w_out = input_shape
         self.out_hw = (h_out, w_out)
 
         def ch(h: int) -> int:  # channels at a feature-map height h
-            return int(min(width, max(16, round(width * (h_out / 4) / max(h, 1)))))
+            return int(min(width, max(min_channels, round(width * (h_out / 4) / max(h, 1)))))
 
         if len(act_shape) == 3:
             c, h, w = act_shape
@@ -85,7 +85,8 @@ class InverseNet(nn.Module):
                        nn.Conv2d(c_prev, c_next, 3, padding=1), nn.BatchNorm2d(c_next), nn.ReLU()]
             c_prev = c_next
         self.up = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Conv2d(c_prev, c_prev, 3, padding=1), nn.ReLU(), nn.Conv2d(c_prev, c_out, 3, padding=1))
+        refine = [] if steps else [nn.Conv2d(c_prev, c_prev, 3, padding=1), nn.BatchNorm2d(c_prev), nn.ReLU()]
+        self.head = nn.Sequential(*refine, nn.Conv2d(c_prev, c_out, 3, padding=1))
 
     def forward(self, z):
         y = self.up(self.stem(z))

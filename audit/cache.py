@@ -42,6 +42,14 @@ class Cache:
         self.enabled = enabled
         self.hits = 0
         self.misses = 0
+        self.by_kind: dict[str, dict[str, int]] = {}
+
+    def _count(self, kind: str, what: str) -> None:
+        setattr(self, what, getattr(self, what) + 1)
+        self.by_kind.setdefault(kind, {"hits": 0, "misses": 0})[what] += 1
+
+    def stats(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "enabled": self.enabled, "by_kind": self.by_kind}
 
     def _path(self, kind: str, key: str) -> Path:
         return self.root / kind / f"{key}.pt"
@@ -54,17 +62,17 @@ class Cache:
             data = path.read_bytes()
             digest = path.with_suffix(".sha256").read_text().strip()
         except OSError:
-            self.misses += 1
+            self._count(kind, "misses")
             return None
         if hashlib.sha256(data).hexdigest() != digest:
-            self.misses += 1
+            self._count(kind, "misses")
             return None
         try:
             value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception:
-            self.misses += 1
+            self._count(kind, "misses")
             return None
-        self.hits += 1
+        self._count(kind, "hits")
         return value
 
     def put(self, kind: str, key: str, value: Any) -> None:

@@ -392,12 +392,24 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
                 index=cut.index, module_type=cut.module_type, aliases=cut.aliases, head_latency_ms_b64=round(lat64, 4),
             )
         )
+        # Equal budgets: every decoder gets the same total training. A base decoder is fitted on clean
+        # activations; the undefended attacker refines it on clean activations for as many epochs as
+        # each adaptive attacker refines it on defended ones. Otherwise extra training alone would make
+        # a defended cut look leakier than the undefended one.
+        bases: dict[str, tuple[Any, dict]] = {}
         clean_attacks: dict[str, tuple[Any, dict]] = {}
+        ad_epochs = g.profile["adaptive_epochs"] or None
         for attack_name in cfg.attacks:
             with reporter.task(f"{cut.name}: {attack_name} on clean activations") as task, g.phase("attacks"):
-                clean_attacks[attack_name] = g.try_fit(
-                    attack_name, z_aux, cut=cut, model=g.model, model_hash=g.model_hash, defense_spec="none", task=task
-                )
+                base = g.try_fit(attack_name, z_aux, cut=cut, model=g.model, model_hash=g.model_hash, defense_spec="none", task=task)
+                bases[attack_name] = base
+                clean_attacks[attack_name] = base
+                if base[0] is not None and hasattr(base[0], "warm_start_from"):
+                    refined, rep = g.try_fit(
+                        attack_name, z_aux, cut=cut, model=g.model, model_hash=g.model_hash, defense_spec="none", task=task,
+                        init=base[0], epochs=ad_epochs,
+                    )
+                    clean_attacks[attack_name] = (refined, _merge_reports(base[1], rep))
 
         for defense in g.defenses:
             spec = defense.spec
@@ -444,11 +456,13 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
                     variants.append((False, clean_attack, clean_report))
                 else:
                     with reporter.task(f"{cut.name}: {attack_name} adapted to {spec}") as task, g.phase("attacks"):
-                        ad_epochs = g.profile["adaptive_epochs"] or None
+                        base, base_report = bases[attack_name]
                         adaptive, ad_report = g.try_fit(
                             attack_name, da, cut=cut, model=model_d, model_hash=model_hash_d, defense_spec=spec, task=task,
-                            init=clean_attack, epochs=ad_epochs,
+                            init=base, epochs=ad_epochs,
                         )
+                        if base is not None and hasattr(base, "warm_start_from"):
+                            ad_report = _merge_reports(base_report, ad_report)
                     variants.append((True, adaptive, ad_report))
                     variants.append((False, clean_attack, clean_report))
                 for is_adaptive, attack, report in variants:
@@ -472,7 +486,7 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
             "profile": cfg.profile, "defenses": [d.spec for d in g.defenses], "attacks": list(cfg.attacks),
             "cuts": [c.name for c in g.cuts], "threshold": cfg.threshold, "command": cfg.command,
             "skipped_cuts": [list(s) for s in g.discovery.skipped], "seconds": round(time.perf_counter() - t_start, 1),
-            "cache": {"hits": g.cache.hits, "misses": g.cache.misses, "enabled": g.cache.enabled},
+            "cache": g.cache.stats(),
             "timings": {k: round(v, 2) for k, v in g.timings.items()},
         },
         threshold=cfg.threshold,
@@ -484,6 +498,18 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
 
         write_report(result, out / "report.html", base=out)
     return result
+
+
+def _merge_reports(base: dict, refine: dict) -> dict:
+    """The report of a base fit followed by a refinement, as one training."""
+    if "error" in refine:
+        return refine
+    out = dict(refine)
+    out["epochs"] = base.get("epochs", 0) + refine.get("epochs", 0)
+    out["seconds"] = round(base.get("seconds", 0) + refine.get("seconds", 0), 2)
+    out["notes"] = list(base.get("notes", [])) + list(refine.get("notes", []))
+    out["converged"] = bool(refine.get("converged", True))  # the refinement picks up where the base ended
+    return out
 
 
 def _utility(g: _Grid, model_d: nn.Module, cut: str, defense: Defense) -> tuple[float | None, float | None]:

@@ -96,15 +96,16 @@ def test_a_cut_that_leaks_less_than_a_deeper_one_is_flagged():
 def test_attacker_knowledge_options_are_recorded_and_weaken_the_attack(tmp_path):
     npz = write_tiny_npz(tmp_path / "d.npz", n=300)
     other = write_tiny_npz(tmp_path / "other.npz", n=300, seed=5)
-    base = dict(model="tests/tiny.py:build", data=str(npz), cuts=("stem",), profile="quick", use_cache=False)
+    base = dict(model="tests/tiny.py:build", data=str(npz), cuts=("fc",), profile="quick", use_cache=False)
     same = run_audit(AuditConfig(**base))
     ood = run_audit(AuditConfig(**base, aux_data=str(other)))
     noise = run_audit(AuditConfig(**base, aux_queries="noise"))
     assert "disjoint" in same.data["attacker_aux"]
     assert "another distribution" in ood.data["attacker_aux"] and ood.data["aux_data"] == str(other)
     assert "random inputs" in noise.data["attacker_aux"]
-    # Random queries teach the decoder less about real images than real aux images do.
-    assert noise.headline("stem", "none").ssim < same.headline("stem", "none").ssim
+    # At a deep cut, random queries teach the decoder far less about real images than real aux images
+    # do (at the first conv they can be enough: a near-linear layer is inverted from any inputs).
+    assert noise.headline("fc", "none").ssim < same.headline("fc", "none").ssim - 0.2
 
 
 def test_aux_data_must_match_the_input_shape(tmp_path):
