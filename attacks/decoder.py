@@ -50,49 +50,67 @@ PROFILES = {
 class InverseNet(nn.Module):
     """Activation (standardized) -> image in [0, 1].
 
-    Channels shrink as resolution grows (``width`` at a quarter of the input size, ``min_channels`` at
-    full size), so the cost per sample stays within a few MFLOPs on a CPU while the low-resolution part,
-    where the information is entangled, keeps its capacity. Upsampling is bilinear resize + 3x3 conv to
-    intermediate sizes on a geometric ladder that ends exactly at the input size.
+    All convolutions run at most at half the input's resolution; the last one predicts 4 sub-pixels per
+    position and a pixel shuffle (Shi et al. 2016, sub-pixel convolution) lays them out at full size.
+    That keeps every detail of the output trainable at a quarter of the cost of full-resolution
+    convolutions, which dominates an attack's time on a CPU. An activation finer than the working
+    resolution is pixel-unshuffled into channels, so nothing in it is thrown away. Channels shrink as
+    resolution grows (``width`` at a quarter of the input size, ``min_channels`` at the working size).
     """
 
     def __init__(self, act_shape: tuple[int, ...], input_shape: tuple[int, ...], width: int, min_channels: int = 16):
         super().__init__()
         c_out, h_out, w_out = input_shape
         self.out_hw = (h_out, w_out)
+        self.r = 2 if h_out >= 8 and w_out >= 8 else 1
+        hw, ww = math.ceil(h_out / self.r), math.ceil(w_out / self.r)  # working resolution
 
         def ch(h: int) -> int:  # channels at a feature-map height h
             return int(min(width, max(min_channels, round(width * (h_out / 4) / max(h, 1)))))
 
+        self.unshuffle: nn.Module = nn.Identity()
         if len(act_shape) == 3:
             c, h, w = act_shape
+            k = min(h // hw, w // ww)
+            if k >= 2:  # finer than the working resolution: fold pixels into channels
+                self.unshuffle = nn.Sequential(
+                    nn.Upsample(size=(h - h % k, w - w % k), mode="nearest") if (h % k or w % k) else nn.Identity(),
+                    nn.PixelUnshuffle(k),
+                )
+                c, h, w = c * k * k, h // k, w // k
             self.stem = nn.Sequential(nn.Conv2d(c, ch(h), 3, padding=1), nn.BatchNorm2d(ch(h)), nn.ReLU())
         else:
             d = math.prod(act_shape)
-            h, w = max(1, math.ceil(h_out / 4)), max(1, math.ceil(w_out / 4))
+            h, w = max(1, math.ceil(hw / 2)), max(1, math.ceil(ww / 2))
             hidden = min(1024, max(256, 4 * width))
             self.stem = nn.Sequential(
                 nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, ch(h) * h * w),
                 nn.Unflatten(1, (ch(h), h, w)), nn.BatchNorm2d(ch(h)), nn.ReLU(),
             )
         layers: list[nn.Module] = []
-        steps = max(0, math.ceil(math.log2(max(h_out / h, w_out / w))))
+        steps = max(0, math.ceil(math.log2(max(hw / h, ww / w))))
         c_prev = ch(h)
         for i in range(1, steps + 1):
-            size = (round(h * (h_out / h) ** (i / steps)), round(w * (w_out / w) ** (i / steps)))
-            c_next = ch(size[0])
+            size = (round(h * (hw / h) ** (i / steps)), round(w * (ww / w) ** (i / steps)))
+            c_next = ch(size[0] * self.r)
             layers += [nn.Upsample(size=size, mode="bilinear", align_corners=False),
                        nn.Conv2d(c_prev, c_next, 3, padding=1), nn.BatchNorm2d(c_next), nn.ReLU()]
             c_prev = c_next
         self.up = nn.Sequential(*layers)
-        refine = [] if steps else [nn.Conv2d(c_prev, c_prev, 3, padding=1), nn.BatchNorm2d(c_prev), nn.ReLU()]
-        self.head = nn.Sequential(*refine, nn.Conv2d(c_prev, c_out, 3, padding=1))
+        self.work_hw = (hw, ww)
+        self.head = nn.Sequential(
+            nn.Conv2d(c_prev, c_prev, 3, padding=1), nn.BatchNorm2d(c_prev), nn.ReLU(),
+            nn.Conv2d(c_prev, c_out * self.r * self.r, 3, padding=1), nn.PixelShuffle(self.r),
+        )
 
     def forward(self, z):
-        y = self.up(self.stem(z))
-        if tuple(y.shape[-2:]) != self.out_hw:  # an activation larger than the input
+        y = self.up(self.stem(self.unshuffle(z)))
+        if tuple(y.shape[-2:]) != self.work_hw:  # an activation coarser or finer than the ladder
+            y = F.interpolate(y, size=self.work_hw, mode="bilinear", align_corners=False)
+        y = self.head(y)
+        if tuple(y.shape[-2:]) != self.out_hw:  # odd input sizes
             y = F.interpolate(y, size=self.out_hw, mode="bilinear", align_corners=False)
-        return torch.sigmoid(self.head(y))
+        return torch.sigmoid(y)
 
 
 def _standardizer(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,15 +29,26 @@ Choices, and why:
   from uniform noise; each sample keeps the run with the lowest objective. The objective, not the data
   term alone, decides: with lambda > 0 the data term alone would favour the noisier of two solutions
   of the same problem. The best iterate of each run is kept, not the last one.
-- **Step size:** Adam with a cosine decay to 1% of ``lr``, so that the end of each run refines
-  instead of oscillating at the first layer, where the published reconstructions are near-perfect.
+- **Step size:** Adam with a large step (0.4 on pixels in [0, 1]) and a cosine decay to 1% of it:
+  the large early steps leave the prior quickly, the small late ones refine (at LeNet's first conv
+  the reconstruction reaches 65 dB PSNR). On LeNet/MNIST at ReLU2, 0.4 matched or beat 0.05-0.2 at
+  equal budgets.
+- **Budgets:** at equal cost, more steps beat more restarts (ReLU2, 128 images: 100 steps x 1 run
+  gave SSIM 0.971, 50 steps x 2 runs 0.966), so only ``thorough`` restarts. The lambda grid runs one
+  run per lambda, all lambdas in one batch. The best lambda shrinks as the step budget grows (early
+  stopping regularizes too), one more reason to pick it on aux data for each fit rather than fix it.
 - **Gradients reach the input only** (``torch.autograd.grad`` with respect to ``x``): the victim's
   parameters never get a ``.grad``, and ``reconstruct`` turns gradients on itself, since it may be
   called under ``torch.no_grad()``.
 
+Where it is weak: at deep and vector cuts (a classifier's last layers) many inputs match ``z`` and the
+TV prior knows nothing about the data, so rMLE drifts towards the prior or below it; the decoder,
+which learns the data distribution, is stronger there. The runner's headline takes the stronger.
+
 Cost: iterations x (restarts + 1) forward and backward passes of the head per sample, plus the
-lambda grid on ``select`` aux samples once per fit. Nothing is cached between runs (the fitted state
-is a scalar, but a cached attack would come back without the head it needs).
+lambda grid (``select`` aux samples x the grid) once per fit. Standard profile, LeNet, 1,000 MNIST
+images, one CPU thread: 13 s at conv1 and 19 s at ReLU2, fit included. Nothing is cached between
+runs (the fitted state is two scalars, but a cached attack would come back without the head it needs).
 """
 
 from __future__ import annotations
@@ -81,7 +92,7 @@ PROFILES = {
     "thorough": _Profile(iterations=300, lr=0.4, restarts=1, select=128, grid=(0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)),
 }
 
-_TV_EPS = 1e-2  # smooths |grad x| at 0 so the prior has a gradient on flat regions
+_TV_EPS = 1e-2  # smooths |grad x| near 0, where its gradient would be undefined
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
