@@ -33,17 +33,17 @@ from audit.specs import build_config, param
 class DecoderConfig:
     width: int = param(0, lo=0, hi=1024, help="channels of the decoder; 0 picks by profile")
     epochs: int = param(0, lo=0, hi=1000, help="max epochs per run; 0 picks by profile")
-    lr: float = param(2e-3, lo=0, lo_open=True, hi=1.0)
-    batch_size: int = param(64, lo=1, hi=4096)
+    lr: float = param(0.0, lo=0, hi=1.0, help="Adam learning rate; 0 picks by profile")
+    batch_size: int = param(0, lo=0, hi=4096, help="0 picks by profile")
     restarts: int = param(-1, lo=-1, hi=20, help="extra runs when one fails; -1 picks by profile")
     val_fraction: float = param(0.1, lo=0.02, hi=0.5)
 
 
 PROFILES = {
-    # width, epochs, patience, restarts, extensions (extra budgets granted while still improving)
-    "quick": (32, 8, 2, 0, 0),
-    "standard": (48, 12, 3, 1, 1),
-    "thorough": (96, 60, 6, 3, 2),
+    # width, epochs, patience, restarts, extensions (extra budgets granted while still improving), batch, lr
+    "quick": (32, 6, 2, 0, 0, 64, 3e-3),
+    "standard": (32, 10, 3, 1, 1, 64, 2e-3),
+    "thorough": (64, 60, 6, 3, 2, 32, 1e-3),
 }
 
 
@@ -136,7 +136,9 @@ class DecoderAttack:
 
     def __init__(self, *, profile: str = "standard", params: dict | None = None):
         self.config = build_config(DecoderConfig, params or {}, what="attack decoder")
-        width, epochs, patience, restarts, self.extensions = PROFILES[profile]
+        width, epochs, patience, restarts, self.extensions, batch, lr = PROFILES[profile]
+        self.batch_size = self.config.batch_size or batch
+        self.lr = self.config.lr or lr
         self.width = self.config.width or width
         self.epochs = self.config.epochs or epochs
         self.patience = patience
@@ -169,7 +171,7 @@ class DecoderAttack:
         notes: list[str] = []
         runs = 0
         epochs_total = 0
-        lr = self.config.lr
+        lr = self.lr
         converged = False
         for attempt in range(self.restarts + 1):
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
@@ -185,7 +187,7 @@ class DecoderAttack:
             res = None
             # Resume while still clearly improving at the end of the budget.
             for extension in range(self.extensions + 1):
-                cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=self.config.batch_size, patience=self.patience)
+                cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=self.batch_size, patience=self.patience)
 
                 def on_epoch(ep, tr, va, _off=epochs_total):
                     if ctx.on_epoch:

@@ -44,7 +44,7 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
-DEMO_DEFENSES = ("none", "noise:sigma=0.5", "noise:sigma=2", "dropout:p=0.5")
+DEMO_DEFENSES = ("none", "noise:sigma=0.5", "noise:sigma=2", "dropout:p=0.5", "dpsgd:epsilon=8")
 
 
 def _command_line() -> str:

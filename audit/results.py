@@ -113,7 +113,7 @@ class AuditResult:
         Strongest means highest mean SSIM (most recognizable); a failed row never wins.
         """
         cands = [r for r in self.rows(cut=cut, defense=defense) if r.status != "failed"]
-        return max(cands, key=lambda r: r.ssim) if cands else None
+        return max(cands, key=lambda r: r.ssim if math.isfinite(r.ssim) else -math.inf) if cands else None
 
     def defenses(self) -> list[str]:
         out: list[str] = []

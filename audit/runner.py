@@ -44,8 +44,8 @@ from defenses.base import Defense, PrepareContext, make_defense
 
 PROFILES: dict[str, dict[str, Any]] = {
     # max_aux caps the attacker's data; draws: how many draws of a stochastic defense utility averages
-    "quick": {"n_eval": 1000, "max_aux": 1000, "latency_repeats": 7, "draws": 2, "adaptive_epochs": 3},
-    "standard": {"n_eval": 1000, "max_aux": 2000, "latency_repeats": 15, "draws": 3, "adaptive_epochs": 5},
+    "quick": {"n_eval": 1000, "max_aux": 1000, "latency_repeats": 7, "draws": 2, "adaptive_epochs": 2},
+    "standard": {"n_eval": 1000, "max_aux": 2000, "latency_repeats": 15, "draws": 3, "adaptive_epochs": 3},
     "thorough": {"n_eval": 1000, "max_aux": None, "latency_repeats": 30, "draws": 5, "adaptive_epochs": 0},
 }
 N_GRID = 8  # fixed eval samples shown in every image grid
@@ -556,7 +556,9 @@ def _row(g: _Grid, common: dict, attack_name: str, adaptive: bool, attack, repor
     p = summarize(scored.psnr, generator=gen)
     worst = most_recognizable(scored.ssim, N_WORST)
     images = None
-    if out is not None:
+    # Grids for every row an attacker would pick: undefended, and adaptive under a defense. The naive
+    # (non-adaptive) rows only show the gap in numbers.
+    if out is not None and (adaptive or common["defense"] == "none"):
         name = _safe(f"{common['cut']}__{common['defense']}__{attack_name}{'__adaptive' if adaptive else ''}") + ".png"
         fixed = torch.arange(min(N_GRID, g.x_eval.shape[0]))
         save_grid(out / "images" / name, g.x_eval, scored.recon, fixed=fixed, worst=worst, ssim=scored.ssim)
