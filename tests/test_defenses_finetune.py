@@ -190,26 +190,6 @@ def test_nopeek_is_prepared_per_cut():
     assert make_defense("dpsgd").changes_model and not make_defense("dpsgd").per_cut_model
 
 
-@pytest.mark.parametrize(
-    "spec, fragment",
-    [
-        ("dpsgd:epsilon=0", "epsilon=0 is out of range; allowed: (0,"),
-        ("dpsgd:epsilon=-1", "epsilon=-1 is out of range"),
-        ("dpsgd:delta=0", "delta=0 is out of range; allowed: (0, 1)"),
-        ("dpsgd:delta=1", "delta=1 is out of range; allowed: (0, 1)"),
-        ("dpsgd:epochs=0", "epochs=0 is out of range"),
-        ("dpsgd:epsilon=eight", "is not a float"),
-        ("dpsgd:sigma=1", "unknown key 'sigma'"),
-        ("nopeek:weight=-0.5", "weight=-0.5 is out of range; allowed: [0,"),
-        ("nopeek:lambda=1", "unknown key 'lambda'"),
-    ],
-)
-def test_bad_parameters_are_spec_errors(spec, fragment):
-    with pytest.raises(SpecError) as err:
-        make_defense(spec)
-    assert fragment in str(err.value)
-
-
 def test_canonical_specs_carry_every_value():
     assert make_defense("dpsgd:epsilon=8").spec.startswith("dpsgd:epsilon=8,delta=1e-05,epochs=")
     assert make_defense("nopeek:weight=0.5").spec.startswith("nopeek:weight=0.5,epochs=")

@@ -54,6 +54,15 @@ def test_canonical_spec_is_stable():
         ("noise:kind=uniform", "one of gaussian, laplace"),
         ("noise:scale=1", "allowed keys: sigma, kind"),
         ("blur:r=1", "known defenses:"),
+        ("dpsgd:epsilon=0", "epsilon=0 is out of range; allowed: (0,"),
+        ("dpsgd:epsilon=-1", "epsilon=-1 is out of range"),
+        ("dpsgd:delta=0", "delta=0 is out of range; allowed: (0, 1)"),
+        ("dpsgd:delta=1", "delta=1 is out of range; allowed: (0, 1)"),
+        ("dpsgd:epochs=0", "epochs=0 is out of range"),
+        ("dpsgd:epsilon=eight", "is not a float"),
+        ("dpsgd:sigma=1", "unknown key 'sigma'"),
+        ("nopeek:weight=-0.5", "weight=-0.5 is out of range; allowed: [0,"),
+        ("nopeek:lambda=1", "unknown key 'lambda'"),
     ],
 )
 def test_bad_defense_params_name_the_allowed_range(spec, needle):
