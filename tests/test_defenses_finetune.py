@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from attacks.training import TrainConfig, train
 from audit.cuts import capture, discover_cuts
-from audit.errors import SpecError, UserError
+from audit.errors import UserError
 from defenses import PrepareContext, make_defense
 from defenses.dpsgd import fix_model
 from defenses.nopeek import distance_correlation
