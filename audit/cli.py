@@ -176,7 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("error: interrupted", markup=False)
         return 130
-    return 0
 
 
 def entry() -> None:

@@ -15,9 +15,8 @@ import hashlib
 import math
 import os
 import platform
-import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from audit import __version__
 from audit.cache import Cache, key_of
 from audit.costs import bytes_per_sample, defense_latency_ms, head_flops, head_latency_ms
 from audit.cuts import Discovery, capture, discover_cuts, head_forward, predict, run_model
-from audit.data import Dataset, Splits, data_hash, load_data, make_splits
+from audit.data import Splits, data_hash, load_data, make_splits
 from audit.errors import DataError, ModelError, SpecError, UserError
 from audit.metrics import most_recognizable, psnr, ssim, summarize
 from audit.models import BUILTIN_MODELS, build_user_model, builtin_cache_key, load_weights, state_hash
