@@ -315,18 +315,17 @@ class _Grid:
 
     # -- attacks --
     def fit_attack(self, name, z_aux, *, cut, model, model_hash, defense_spec, task, init=None, epochs=None):
-        attack = make_attack(name, profile=self.config.profile)
-        if init is not None and hasattr(attack, "warm_start_from"):
-            # An adaptive attacker refines the clean decoder on defended activations: a short budget
-            # and no restart from scratch, since its starting point is already a converged attack.
-            attack = make_attack(name, profile=self.config.profile, params={"epochs": epochs or 0, "restarts": 0})
+        # A refinement (init given) gets a short budget and no restart from scratch: its starting point
+        # is already a fitted attack.
+        params = {"epochs": epochs or 0, "restarts": 0} if init is not None else {}
+        attack = make_attack(name, profile=self.config.profile, params=params)
         key = key_of("attack", name, model_hash, self.data_hash, cut.name, defense_spec, self.config.profile, self.config.seed, epochs,
                      self.aux_key)
         hit = self.cache.get("attacks", key) if hasattr(attack, "load_state") else None
         if hit is not None:
             attack.load_state(hit["state"], cut.shape, tuple(self.x_aux.shape[1:]))
             return attack, hit["report"] | {"cached": True}
-        if init is not None and hasattr(attack, "warm_start_from"):
+        if init is not None:
             attack.warm_start_from(init)
         gen = job_generator(self.config.seed, cut.name, defense_spec, name)
         ctx = AttackContext(
@@ -355,6 +354,17 @@ class _Grid:
             raise
         except Exception as exc:  # noqa: BLE001 - reported in the result, counted as failed by the gate
             return None, {"converged": False, "error": f"{type(exc).__name__}: {exc}"}
+
+    def refine(self, name, z_aux, base: tuple[Any, dict], **kw) -> tuple[Any, dict]:
+        """Continue a base attack on ``z_aux`` for the profile's refinement budget, reported as one training.
+
+        An attack that cannot be warm-started (rMLE) is fitted afresh on ``z_aux`` instead.
+        """
+        attack, report = base
+        if attack is None or not hasattr(attack, "warm_start_from"):
+            return self.try_fit(name, z_aux, **kw)
+        refined, rep = self.try_fit(name, z_aux, init=attack, epochs=self.profile["adaptive_epochs"] or None, **kw)
+        return refined, _merge_reports(report, rep)
 
     def score(self, attack, z_eval) -> _Scored:
         recon = attack.reconstruct(z_eval).clamp(0, 1)
@@ -397,18 +407,11 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
         # a defended cut look leakier than the undefended one.
         bases: dict[str, tuple[Any, dict]] = {}
         clean_attacks: dict[str, tuple[Any, dict]] = {}
-        ad_epochs = g.profile["adaptive_epochs"] or None
         for attack_name in cfg.attacks:
             with reporter.task(f"{cut.name}: {attack_name} on clean activations") as task, g.phase("attacks"):
-                base = g.try_fit(attack_name, z_aux, cut=cut, model=g.model, model_hash=g.model_hash, defense_spec="none", task=task)
-                bases[attack_name] = base
-                clean_attacks[attack_name] = base
-                if base[0] is not None and hasattr(base[0], "warm_start_from"):
-                    refined, rep = g.try_fit(
-                        attack_name, z_aux, cut=cut, model=g.model, model_hash=g.model_hash, defense_spec="none", task=task,
-                        init=base[0], epochs=ad_epochs,
-                    )
-                    clean_attacks[attack_name] = (refined, _merge_reports(base[1], rep))
+                clean = dict(cut=cut, model=g.model, model_hash=g.model_hash, defense_spec="none", task=task)
+                bases[attack_name] = base = g.try_fit(attack_name, z_aux, **clean)
+                clean_attacks[attack_name] = g.refine(attack_name, z_aux, base, **clean) if hasattr(base[0], "warm_start_from") else base
 
         for defense in g.defenses:
             spec = defense.spec
@@ -455,13 +458,10 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
                     variants.append((False, clean_attack, clean_report))
                 else:
                     with reporter.task(f"{cut.name}: {attack_name} adapted to {spec}") as task, g.phase("attacks"):
-                        base, base_report = bases[attack_name]
-                        adaptive, ad_report = g.try_fit(
-                            attack_name, da, cut=cut, model=model_d, model_hash=model_hash_d, defense_spec=spec, task=task,
-                            init=base, epochs=ad_epochs,
+                        adaptive, ad_report = g.refine(
+                            attack_name, da, bases[attack_name], cut=cut, model=model_d, model_hash=model_hash_d,
+                            defense_spec=spec, task=task,
                         )
-                        if base is not None and hasattr(base, "warm_start_from"):
-                            ad_report = _merge_reports(base_report, ad_report)
                     variants.append((True, adaptive, ad_report))
                     variants.append((False, clean_attack, clean_report))
                 for is_adaptive, attack, report in variants:
