@@ -63,14 +63,10 @@ def _sync_for(t: torch.Tensor):
 
 
 @torch.no_grad()
-def head_latency_ms(model: nn.Module, cut: str, sample: torch.Tensor, *, transform=None, warmup: int = 3, repeats: int = 15) -> float:
-    """Median time of head (+ defense ``transform``) on ``sample`` (its batch size is the one timed)."""
+def head_latency_ms(model: nn.Module, cut: str, sample: torch.Tensor, *, warmup: int = 3, repeats: int = 15) -> float:
+    """Median time of the head on ``sample`` (its batch size is the one timed)."""
     model.eval()
-    if transform is None:
-        fn = lambda: head_forward(model, cut, sample)  # noqa: E731
-    else:
-        fn = lambda: transform(head_forward(model, cut, sample))  # noqa: E731
-    return median_ms(fn, warmup=warmup, repeats=repeats, sync=_sync_for(sample))
+    return median_ms(lambda: head_forward(model, cut, sample), warmup=warmup, repeats=repeats, sync=_sync_for(sample))
 
 
 def paired_median_ms(fn_a: Callable[[], object], fn_b: Callable[[], object], *, warmup: int = 3, repeats: int = 15,
@@ -107,9 +103,3 @@ def defense_latency_ms(model: nn.Module, defended: nn.Module, cut: str, sample: 
         repeats=repeats,
         sync=_sync_for(sample),
     )
-
-
-@torch.no_grad()
-def full_latency_ms(model: nn.Module, sample: torch.Tensor, *, warmup: int = 3, repeats: int = 15) -> float:
-    model.eval()
-    return median_ms(lambda: run_model(model, sample), warmup=warmup, repeats=repeats, sync=_sync_for(sample))
