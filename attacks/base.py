@@ -7,7 +7,9 @@ Adding an attack touches its own module, one import line in ``attacks/__init__.p
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -72,3 +74,16 @@ def make_attack(name: str, *, profile: str = "standard", params: dict | None = N
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# Module initialization draws from torch's global generator. Seeding it gives the same weights only
+# when no other thread does the same at the same moment (jobs run in threads), hence the lock.
+_INIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Build modules under ``seed`` without touching the global generator's state outside the block."""
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import AttackContext, FitReport, register_attack
+from attacks.base import AttackContext, FitReport, register_attack, seeded_init
 from attacks.training import TrainConfig, evaluate, train
 from audit.specs import build_config, param
 
@@ -39,11 +39,21 @@ class DecoderConfig:
     val_fraction: float = param(0.1, lo=0.02, hi=0.5)
 
 
+@dataclass(frozen=True)
+class Budget:
+    width: int
+    epochs: int
+    patience: int
+    restarts: int
+    extensions: int  # extra budgets granted while still improving
+    batch: int
+    lr: float
+
+
 PROFILES = {
-    # width, epochs, patience, restarts, extensions (extra budgets granted while still improving), batch, lr
-    "quick": (32, 6, 2, 0, 0, 64, 3e-3),
-    "standard": (32, 10, 3, 1, 1, 64, 2e-3),
-    "thorough": (64, 60, 6, 3, 2, 32, 1e-3),
+    "quick": Budget(32, 6, 2, 0, 0, 64, 3e-3),
+    "standard": Budget(32, 10, 3, 1, 1, 64, 2e-3),
+    "thorough": Budget(64, 60, 6, 3, 2, 32, 1e-3),
 }
 
 
@@ -136,15 +146,17 @@ class DecoderAttack:
 
     def __init__(self, *, profile: str = "standard", params: dict | None = None):
         self.config = build_config(DecoderConfig, params or {}, what="attack decoder")
-        width, epochs, patience, restarts, self.extensions, batch, lr = PROFILES[profile]
-        self.batch_size = self.config.batch_size or batch
-        self.lr = self.config.lr or lr
-        self.width = self.config.width or width
-        self.epochs = self.config.epochs or epochs
-        self.patience = patience
-        self.restarts = restarts if self.config.restarts < 0 else self.config.restarts
+        b = PROFILES[profile]
+        self.extensions = b.extensions
+        self.batch_size = self.config.batch_size or b.batch
+        self.lr = self.config.lr or b.lr
+        self.width = self.config.width or b.width
+        self.epochs = self.config.epochs or b.epochs
+        self.patience = b.patience
+        self.restarts = b.restarts if self.config.restarts < 0 else self.config.restarts
         self.net: InverseNet | None = None
         self.mean = self.std = None
+        self.holdout: torch.Tensor | None = None
 
     def _normalize(self, z):
         return (z - self.mean) / self.std
@@ -160,6 +172,7 @@ class DecoderAttack:
         perm = torch.randperm(n, generator=gen).to(z_aux.device)
         n_val = max(1, int(round(n * self.config.val_fraction)))
         val_idx, tr_idx = perm[:n_val], perm[n_val:]
+        self.holdout = val_idx  # the aux samples it was selected on; another attack can be compared on them
         self.mean, self.std = _standardizer(z_aux[tr_idx])
         zt, zv = self._normalize(z_aux[tr_idx]), self._normalize(z_aux[val_idx])
         xt, xv = x_aux[tr_idx], x_aux[val_idx]
@@ -175,8 +188,7 @@ class DecoderAttack:
         converged = False
         for attempt in range(self.restarts + 1):
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-            with torch.random.fork_rng(devices=[]):  # seed module init without touching global state
-                torch.manual_seed(seed)
+            with seeded_init(seed):
                 net = InverseNet(tuple(z_aux.shape[1:]), tuple(x_aux.shape[1:]), self.width).to(z_aux.device)
             if init is not None and attempt == 0 and init.net is not None:
                 try:
@@ -255,9 +267,10 @@ class DecoderAttack:
         """Everything needed to rebuild the fitted attack (for the cache)."""
         return {"net": self.net.state_dict(), "mean": self.mean, "std": self.std, "width": self.width}
 
-    def load_state(self, state: dict, act_shape, input_shape) -> None:
+    def load_state(self, state: dict, act_shape, input_shape, device: torch.device | str = "cpu") -> None:
         self.width = state["width"]
-        self.net = InverseNet(tuple(act_shape), tuple(input_shape), self.width)
+        with seeded_init(0):  # the weights are overwritten; the lock keeps other threads' seeding intact
+            self.net = InverseNet(tuple(act_shape), tuple(input_shape), self.width)
         self.net.load_state_dict(state["net"])
-        self.net.eval()
-        self.mean, self.std = state["mean"], state["std"]
+        self.net.to(device).eval()
+        self.mean, self.std = state["mean"].to(device), state["std"].to(device)

@@ -44,6 +44,11 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class ExecutorName(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 DEMO_DEFENSES = ("none", "noise:sigma=0.5", "noise:sigma=2", "dropout:p=0.5", "dpsgd:epsilon=8")
 
 
@@ -54,10 +59,16 @@ def _command_line() -> str:
 def _run_and_render(config) -> None:
     from audit.progress import RichReporter
     from audit.report.console import print_audit
-    from audit.runner import run_audit
+    from audit.runner import AuditInterrupted, run_audit
 
-    with RichReporter(err_console) as reporter:
-        result = run_audit(config, reporter=reporter)
+    try:
+        with RichReporter(err_console) as reporter:
+            result = run_audit(config, reporter=reporter)
+    except AuditInterrupted as exc:
+        print_audit(exc.result, out_console)
+        where = f": the finished rows are in {Path(config.out) / 'results.json'}" if config.out else ""
+        err_console.print(f"error: interrupted{where}; rerun to finish (finished attacks are cached)", markup=False)
+        raise typer.Exit(130) from None
     print_audit(result, out_console)
     if config.out:
         out_console.print(f"wrote {Path(config.out) / 'results.json'} and {Path(config.out) / 'report.html'}")
@@ -71,6 +82,9 @@ def demo(
     seed: Annotated[int, typer.Option()] = 0,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="recompute everything")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(help="cache location (default ~/.cache/splitaudit)")] = None,
+    executor: Annotated[ExecutorName, typer.Option(help="where attack jobs run: threads here, or a Ray cluster")] = ExecutorName.local,
+    workers: Annotated[int, typer.Option(help="parallel attack jobs (local), or CPUs of a Ray runtime started here; 0: auto")] = 0,
+    ray_address: Annotated[Optional[str], typer.Option(help="an existing Ray cluster (ray://host:10001 or auto); default: start one here")] = None,
 ) -> None:
     """Audit builtin:lenet on builtin:mnist at every cut with the default defenses."""
     from audit.runner import AuditConfig
@@ -79,6 +93,7 @@ def demo(
         AuditConfig(
             model="builtin:lenet", data="builtin:mnist", defenses=DEMO_DEFENSES, profile=profile.value, device=device.value,
             seed=seed, out=str(out), use_cache=not no_cache, cache_dir=str(cache_dir) if cache_dir else None, command=_command_line(),
+            executor=executor.value, workers=workers, ray_address=ray_address,
         )
     )
 
@@ -100,6 +115,9 @@ def audit(
     cache_dir: Annotated[Optional[Path], typer.Option(help="cache location (default ~/.cache/splitaudit)")] = None,
     aux_data: Annotated[Optional[str], typer.Option(help="the attacker's own data (another distribution), a data spec")] = None,
     aux_queries: Annotated[AuxQueries, typer.Option(help="query the head with aux images, or with random noise only")] = AuxQueries.data,
+    executor: Annotated[ExecutorName, typer.Option(help="where attack jobs run: threads here, or a Ray cluster")] = ExecutorName.local,
+    workers: Annotated[int, typer.Option(help="parallel attack jobs (local), or CPUs of a Ray runtime started here; 0: auto")] = 0,
+    ray_address: Annotated[Optional[str], typer.Option(help="an existing Ray cluster (ray://host:10001 or auto); default: start one here")] = None,
 ) -> None:
     """Audit a model at every (or the given) cut: leakage, costs, defenses."""
     from audit.runner import AuditConfig
@@ -109,7 +127,7 @@ def audit(
             model=model, data=data, weights=str(weights) if weights else None, cuts=tuple(cut or ()), defenses=tuple(defense or ("none",)),
             attacks=tuple(attack or ("decoder",)), profile=profile.value, device=device.value, seed=seed, out=str(out),
             threshold=threshold, use_cache=not no_cache, cache_dir=str(cache_dir) if cache_dir else None, command=_command_line(),
-            aux_data=aux_data, aux_queries=aux_queries.value,
+            aux_data=aux_data, aux_queries=aux_queries.value, executor=executor.value, workers=workers, ray_address=ray_address,
         )
     )
 

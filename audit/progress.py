@@ -16,13 +16,23 @@ class Task:
     def advance(self, n: float = 1) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 class Reporter:
-    """Silent reporter; subclasses draw."""
+    """Silent reporter; subclasses draw. ``open`` a task and ``close`` it, or use ``task`` as a context."""
+
+    def open(self, description: str, total: float | None = None) -> Task:
+        return Task()
 
     @contextmanager
     def task(self, description: str, total: float | None = None):
-        yield Task()
+        t = self.open(description, total)
+        try:
+            yield t
+        finally:
+            t.close()
 
     def log(self, message: str) -> None:
         pass
@@ -50,8 +60,7 @@ class RichReporter(Reporter):
     def __exit__(self, *exc):
         self.progress.stop()
 
-    @contextmanager
-    def task(self, description: str, total: float | None = None):
+    def open(self, description: str, total: float | None = None) -> Task:
         tid = self.progress.add_task(description, total=total)
         progress = self.progress
 
@@ -63,13 +72,13 @@ class RichReporter(Reporter):
             def advance(self, n=1):
                 progress.advance(tid, n)
 
-        try:
-            yield _T()
-        finally:
-            t = progress.tasks[[x.id for x in progress.tasks].index(tid)]
-            if t.total is not None:
-                progress.update(tid, completed=t.total)
-            progress.stop_task(tid)
+            def close(self):
+                t = progress.tasks[[x.id for x in progress.tasks].index(tid)]
+                if t.total is not None:
+                    progress.update(tid, completed=t.total)
+                progress.stop_task(tid)
+
+        return _T()
 
     def log(self, message: str) -> None:
         self.progress.console.print(message)

@@ -8,7 +8,6 @@ Every (cut, defense, attack) job draws its randomness from a generator seeded by
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import importlib.metadata
 from contextlib import contextmanager
 import hashlib
@@ -26,14 +25,16 @@ from torch import nn
 
 import attacks  # noqa: F401  (registers attacks)
 import defenses  # noqa: F401  (registers defenses)
-from attacks.base import AttackContext, make_attack
+from attacks.base import make_attack
 from attacks.training import TrainConfig, train
 from audit import __version__
 from audit.cache import Cache, key_of
 from audit.costs import bytes_per_sample, defense_latency_ms, head_flops, head_latency_ms
-from audit.cuts import Discovery, capture, discover_cuts, head_forward, predict, run_model
+from audit.cuts import Discovery, capture, discover_cuts, predict, run_model
 from audit.data import Splits, data_hash, load_data, make_splits
 from audit.errors import DataError, ModelError, SpecError, UserError
+from audit.executors import make_executor
+from audit.jobs import N_GRID, N_WORST, Activations, JobInputs, JobOutput, JobSpec, Scores, job_generator
 from audit.metrics import most_recognizable, psnr, ssim, summarize
 from audit.models import BUILTIN_MODELS, build_user_model, builtin_cache_key, load_weights, state_hash
 from audit.progress import Reporter
@@ -47,8 +48,6 @@ PROFILES: dict[str, dict[str, Any]] = {
     "standard": {"n_eval": 1000, "max_aux": 2000, "latency_repeats": 15, "draws": 3, "adaptive_epochs": 3},
     "thorough": {"n_eval": 1000, "max_aux": None, "latency_repeats": 30, "draws": 5, "adaptive_epochs": 0},
 }
-N_GRID = 8  # fixed eval samples shown in every image grid
-N_WORST = 5  # most recognizable samples shown
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,9 @@ class AuditConfig:
     command: str | None = None  # the command line, for the reproducibility section
     aux_data: str | None = None  # the attacker's own data, when it is not the evaluation distribution
     aux_queries: str = "data"  # data | noise: query the head with the aux images or with random inputs
+    executor: str = "local"  # local | ray: where the attack jobs run
+    workers: int = 0  # parallel attack jobs; 0 picks by device (CPU cores, capped at 4; 1 on CUDA)
+    ray_address: str | None = None  # an existing Ray cluster; None starts a local runtime
 
     def validate(self) -> None:
         if self.profile not in PROFILES:
@@ -77,6 +79,10 @@ class AuditConfig:
             raise SpecError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
         if self.aux_queries not in ("data", "noise"):
             raise SpecError(f"unknown --aux-queries {self.aux_queries!r}; choose data or noise")
+        if self.executor not in ("local", "ray"):
+            raise SpecError(f"unknown executor {self.executor!r}; choose local or ray")
+        if self.workers < 0:
+            raise SpecError(f"--workers must be 0 (auto) or positive, got {self.workers}")
         if not 0 < self.threshold <= 1:
             raise SpecError(f"threshold {self.threshold} is out of range; allowed: (0, 1]")
 
@@ -87,11 +93,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def job_generator(seed: int, *parts: object, device: torch.device | str = "cpu") -> torch.Generator:
-    digest = hashlib.sha256(repr((seed,) + parts).encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 62) - 1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,87 +314,79 @@ class _Grid:
         self.cache.put("activations", key, {"aux": z_aux.cpu(), "eval": z_eval.cpu()})
         return z_aux, z_eval
 
-    # -- attacks --
-    def fit_attack(self, name, z_aux, *, cut, model, model_hash, defense_spec, task, init=None, epochs=None):
-        # A refinement (init given) gets a short budget and no restart from scratch: its starting point
-        # is already a fitted attack.
-        params = {"epochs": epochs or 0, "restarts": 0} if init is not None else {}
-        attack = make_attack(name, profile=self.config.profile, params=params)
-        key = key_of("attack", name, model_hash, self.data_hash, cut.name, defense_spec, self.config.profile, self.config.seed, epochs,
-                     self.aux_key)
-        hit = self.cache.get("attacks", key) if hasattr(attack, "load_state") else None
-        if hit is not None:
-            attack.load_state(hit["state"], cut.shape, tuple(self.x_aux.shape[1:]))
-            return attack, hit["report"] | {"cached": True}
-        if init is not None:
-            attack.warm_start_from(init)
-        gen = job_generator(self.config.seed, cut.name, defense_spec, name)
-        ctx = AttackContext(
-            input_shape=tuple(self.x_aux.shape[1:]),
-            act_shape=tuple(z_aux.shape[1:]),
-            profile=self.config.profile,
-            generator=gen,
-            on_epoch=lambda ep, tot, va: task.update(ep, total=tot),
-            # Only white-box attacks see the head; black-box ones get activations and nothing else.
-            head=functools.partial(head_forward, model, cut.name) if getattr(attack, "white_box", False) else None,
-        )
-        rep = attack.fit(z_aux, self.x_aux, ctx)
-        report = {
-            "converged": rep.converged, "restarts": rep.restarts, "epochs": rep.epochs, "seconds": round(rep.seconds, 2),
-            "val_loss": rep.val_loss, "baseline_loss": rep.baseline_loss, "notes": list(rep.notes),
-        }
-        if hasattr(attack, "state"):
-            self.cache.put("attacks", key, {"state": attack.state(), "report": report})
-        return attack, report
-
-    def try_fit(self, name, z_aux, **kw):
-        """Fit, but turn a crash of the attack into a failed row: it must show up, never vanish."""
-        try:
-            return self.fit_attack(name, z_aux, **kw)
-        except UserError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - reported in the result, counted as failed by the gate
-            return None, {"converged": False, "error": f"{type(exc).__name__}: {exc}"}
-
-    def refine(self, name, z_aux, base: tuple[Any, dict], **kw) -> tuple[Any, dict]:
-        """Continue a base attack on ``z_aux`` for the profile's refinement budget, reported as one training.
-
-        An attack that cannot be warm-started (rMLE) is fitted afresh on ``z_aux`` instead.
-        """
-        attack, report = base
-        if attack is None or not hasattr(attack, "warm_start_from"):
-            return self.try_fit(name, z_aux, **kw)
-        refined, rep = self.try_fit(name, z_aux, init=attack, epochs=self.profile["adaptive_epochs"] or None, **kw)
-        return refined, _merge_reports(report, rep)
-
-    def score(self, attack, z_eval) -> _Scored:
-        recon = attack.reconstruct(z_eval).clamp(0, 1)
-        return _Scored(ssim(recon, self.x_eval), psnr(recon, self.x_eval, max_db=100.0), recon)
-
 
 def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> AuditResult:
-    """Run the whole grid and return the result; writes ``config.out`` when it is set."""
-    from audit.report.images import save_grid
+    """Run the whole grid and return the result; writes ``config.out`` when it is set.
 
+    Three stages: (1) the models the defenses change and every latency, timed while nothing else
+    runs; (2) the attack jobs, through the executor, a few cuts at a time (a cut's activations are
+    captured just before its jobs are submitted and dropped when they end); (3) rows, flags, files.
+    On Ctrl-C the finished rows are written (marked interrupted) and KeyboardInterrupt is re-raised.
+    """
     config.validate()
     reporter = reporter or Reporter()
     t_start = time.perf_counter()
     g = _Grid(config, reporter)
     g.setup()
-    cfg = config
-    out = Path(cfg.out) if cfg.out else None
-    rows: list[ResultRow] = []
-    cut_infos: list[CutInfo] = []
-    prep_cache: dict[str, Any] = {}
+    executor = make_executor(config.executor, workers=config.workers, device=g.device, ray_address=config.ray_address)
+    cut_infos, latency, prepared = _costs(g)
+    interrupted = False
+    with executor:
+        grid = _AttackGrid(g, executor, prepared)
+        try:
+            grid.run()
+        except KeyboardInterrupt:
+            executor.cancel()
+            interrupted = True
+    g.executor_info = {"executor": executor.name, "workers": executor.workers, "threads_per_job": grid.threads_per_job}
+    rows = _rows(g, grid, latency, prepared, Path(config.out) if config.out else None)
+    result = _result(g, config, cut_infos, rows, t_start, interrupted)
+    if interrupted:
+        raise AuditInterrupted(result)
+    return result
+
+
+NOT_RUN = "not run: the audit was interrupted"
+
+
+class AuditInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the attacks: ``result`` holds the rows that finished (already written to disk)."""
+
+    def __init__(self, result: AuditResult):
+        super().__init__("interrupted")
+        self.result = result
+
+
+def _model_for(g: _Grid, prepared: dict, defense: Defense, cut: str) -> tuple[nn.Module, str, dict]:
+    if not defense.changes_model:
+        return g.model, g.model_hash, {}
+    return prepared[(defense.spec, cut if defense.per_cut_model else None)]
+
+
+def _costs(g: _Grid) -> tuple[list[CutInfo], dict, dict]:
+    """Fine-tune what the defenses change, then time every head and defense on a quiet machine."""
+    prepared: dict[tuple[str, str | None], tuple[nn.Module, str, dict]] = {}
+    for defense in g.defenses:
+        if defense.changes_model:
+            for cut in g.cuts if defense.per_cut_model else [None]:
+                name = cut.name if cut is not None else None
+                with g.phase("defense fine-tuning"):
+                    prepared[(defense.spec, name)] = _prepare_model(g, defense, name)
     reps = g.profile["latency_repeats"]
     sample1, sample64 = g.x_eval[:1], g.x_eval[:64]
-
+    cut_infos: list[CutInfo] = []
+    latency: dict[tuple[str, str], tuple[float, float, float, float]] = {}
     for cut in g.cuts:
-        with g.phase("capture"):
-            z_aux, z_eval = g.activations(g.model, g.model_hash, cut.name)
         with g.phase("latency"):
             lat1 = head_latency_ms(g.model, cut.name, sample1, repeats=reps)
             lat64 = head_latency_ms(g.model, cut.name, sample64, repeats=max(3, reps // 3))
+            for defense in g.defenses:
+                if defense.spec == "none":
+                    latency[(cut.name, "none")] = (lat1, lat1, lat64, lat64)
+                else:
+                    model_d = _model_for(g, prepared, defense, cut.name)[0]
+                    defense.fit(capture(model_d, cut.name, g.x_aux[:256]))  # refitted on all aux data for the attacks
+                    latency[(cut.name, defense.spec)] = _defended_latency(g, model_d, cut.name, defense, sample1, sample64)
         cut_infos.append(
             CutInfo(
                 name=cut.name, shape=cut.shape, bytes_per_sample=bytes_per_sample(cut.shape), head_flops=g.flops(cut.name),
@@ -401,74 +394,224 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
                 index=cut.index, module_type=cut.module_type, aliases=cut.aliases, head_latency_ms_b64=round(lat64, 4),
             )
         )
-        # Equal budgets: every decoder gets the same total training. A base decoder is fitted on clean
-        # activations; the undefended attacker refines it on clean activations for as many epochs as
-        # each adaptive attacker refines it on defended ones. Otherwise extra training alone would make
-        # a defended cut look leakier than the undefended one.
-        bases: dict[str, tuple[Any, dict]] = {}
-        clean_attacks: dict[str, tuple[Any, dict]] = {}
-        for attack_name in cfg.attacks:
-            with reporter.task(f"{cut.name}: {attack_name} on clean activations") as task, g.phase("attacks"):
-                clean = dict(cut=cut, model=g.model, model_hash=g.model_hash, defense_spec="none", task=task)
-                bases[attack_name] = base = g.try_fit(attack_name, z_aux, **clean)
-                clean_attacks[attack_name] = g.refine(attack_name, z_aux, base, **clean) if hasattr(base[0], "warm_start_from") else base
+    return cut_infos, latency, prepared
 
+
+class _AttackGrid:
+    """Builds the job graph of every cut, feeds it to the executor, and keeps the outputs.
+
+    Per (cut, learned attack): a base job fits on clean activations; then, with equal budgets, the
+    undefended attacker refines the base on clean activations for as many epochs as each adaptive
+    attacker refines it on defended ones (otherwise extra training alone would make a defended cut
+    look leakier than the undefended one). The undefended attacker is also scored on every defended
+    activation: the non-adaptive rows. An attack that cannot be warm-started (rMLE) is fitted afresh.
+    """
+
+    def __init__(self, g: _Grid, executor, prepared: dict):
+        self.g, self.ex, self.prepared = g, executor, prepared
+        self.outputs: dict[str, JobOutput | BaseException] = {}
+        self.jobs: dict[tuple[str, str, str], JobSpec] = {}  # (cut, attack, role) -> spec; role: base | clean | defense spec
+        self.utility: dict[tuple[str, str], dict] = {}
+        self._same_utility: dict[tuple[str, str], dict] = {}
+        self.threads_per_job = executor.threads_per_job
+        self._handles: dict[Any, JobSpec] = {}
+        self._tasks: dict[str, Any] = {}
+        self._waiting: dict[str, list[JobSpec]] = {}  # base job id -> refine jobs waiting for it
+        self._inputs: dict[str, dict] = {}  # cut -> shared inputs while its jobs run
+        self._open: dict[str, int] = {}  # cut -> jobs not finished
+
+    # -- the job graph of one cut --
+    def _specs(self, cut: str) -> list[tuple[str, JobSpec]]:
+        g, cfg = self.g, self.g.config
+        specs = [d.spec for d in g.defenses]
+        epochs = g.profile["adaptive_epochs"] or None
+        out = []
+        for name in cfg.attacks:
+            probe = make_attack(name, profile=cfg.profile)
+            warm = hasattr(probe, "warm_start_from") and hasattr(probe, "state")
+            common = dict(cut=cut, attack=name, profile=cfg.profile, seed=cfg.seed, device=str(g.device))
+            if warm:
+                out.append(("base", JobSpec(defense="none", kind="fit", label=f"{cut}: {name} on clean activations", **common)))
+                out.append(("clean", JobSpec(defense="none", kind="refine", epochs=epochs, score=tuple(specs),
+                                             label=f"{cut}: {name} refined on clean activations", **common)))
+            else:
+                out.append(("clean", JobSpec(defense="none", kind="fit", score=tuple(specs), label=f"{cut}: {name} on clean activations", **common)))
+            for d in g.defenses:
+                if d.spec == "none" or not (getattr(probe, "needs_fit", True) or d.changes_model):
+                    continue  # an attack that learns nothing from aux data cannot adapt to an activation defense
+                out.append((d.spec, JobSpec(defense=d.spec, kind="refine" if warm else "fit", epochs=epochs if warm else None,
+                                            score=(d.spec,), label=f"{cut}: {name} adapted to {d.spec}", **common)))
+        return out
+
+    def _cache_key(self, spec: JobSpec) -> str:
+        g = self.g
+        model_hash = self._model(spec.defense, spec.cut)[1]
+        return key_of("attack-job", spec, model_hash, g.model_hash, g.data_hash, g.aux_key)
+
+    def _model(self, defense_spec: str, cut: str):
+        d = next(d for d in self.g.defenses if d.spec == defense_spec) if defense_spec != "none" else None
+        if d is None:
+            return self.g.model, self.g.model_hash, {}
+        return _model_for(self.g, self.prepared, d, cut)
+
+    # -- running --
+    def run(self) -> None:
+        window = max(2, self.ex.workers + 1)  # cuts whose activations are held at once
+        for cut in self.g.cuts:
+            while len(self._open) >= window:
+                self._pump()
+            self._start_cut(cut.name)
+        while self._handles:
+            self._pump()
+
+    def _start_cut(self, cut: str) -> None:
+        g = self.g
+        acts: dict[str, Activations] = {}
+        for d in g.defenses:
+            model_d, hash_d, _ = self._model(d.spec, cut)
+            with g.phase("capture"):
+                z_aux, z_eval = g.activations(model_d, hash_d, cut)
+            acts[d.spec] = Activations(aux=z_aux, eval=z_eval)
+            with g.phase("utility"):
+                ukey = key_of("utility", hash_d, g.model_hash, g.data_hash, cut, d.spec, g.config.seed, g.config.profile)
+                hit = g.cache.get("utility", ukey)
+                # A defense that only changes the model predicts the same at every cut: measure it once.
+                same = (hash_d, d.spec) if type(d).apply is Defense.apply and not d.per_cut_model else None
+                if hit is None and same in self._same_utility:
+                    hit = self._same_utility[same]
+                if hit is None:
+                    d.fit(z_aux)
+                    hit = dict(zip(("accuracy", "agreement"), _utility(g, model_d, cut, d)))
+                    g.cache.put("utility", ukey, hit)
+                if same is not None:
+                    self._same_utility[same] = hit
+                self.utility[(cut, d.spec)] = hit
+            self._pump(timeout=0)  # keep the workers fed while this thread captures
+        self._inputs[cut] = {"x_aux": self.ex.put("x_aux", g.x_aux), "x_eval": self.ex.put("x_eval", g.x_eval),
+                             "acts": {k: self.ex.put(("acts", cut, k), v) for k, v in acts.items()}}
+        specs = self._specs(cut)
+        self._open[cut] = len(specs)
+        for role, spec in specs:
+            self.jobs[(cut, spec.attack, role)] = spec
+        for role, spec in specs:
+            if spec.kind == "fit":
+                self._submit(spec)
+            else:  # the clean refinement waits for the base; adaptive ones for the clean one (their other candidate)
+                after = self.jobs[(cut, spec.attack, "base" if role == "clean" else "clean")]
+                self._waiting.setdefault(after.id, []).append(spec)
+
+    def _submit(self, spec: JobSpec, base_state: dict | None = None, candidate: JobOutput | None = None) -> None:
+        g = self.g
+        hit = g.cache.get("attacks", self._cache_key(spec))
+        inp = self._inputs[spec.cut]
+        acts = {d: inp["acts"][d] for d in {spec.defense, *spec.score}}
+        head = None
+        if getattr(make_attack(spec.attack, profile=spec.profile), "white_box", False):
+            head = self.ex.put(("model", spec.cut, spec.defense), self._model(spec.defense, spec.cut)[0])
+        inputs = JobInputs(x_aux=inp["x_aux"], x_eval=inp["x_eval"], acts=acts, head=head,
+                           base_state=None if base_state is None else self.ex.put(("base", spec.cut, spec.attack), base_state),
+                           candidate_state=None if candidate is None else self.ex.put(("clean", spec.cut, spec.attack), candidate.state),
+                           candidate_converged=True if candidate is None else bool(candidate.report.get("converged", True)),
+                           cached=hit)
+        self._tasks[spec.id] = g.reporter.open(spec.label + (" (cached)" if hit else ""))
+        self._handles[self.ex.submit(spec, inputs)] = spec
+
+    def _pump(self, timeout: float = 0.2) -> None:
+        if not self._handles:
+            return
+        with self.g.phase("attacks"):
+            done = self.ex.wait(list(self._handles), timeout=timeout)
+        for job_id, ep, total in self.ex.progress():
+            if job_id in self._tasks:
+                self._tasks[job_id].update(ep, total=total)
+        for h in done:
+            spec = self._handles.pop(h)
+            try:
+                out: JobOutput | BaseException = self.ex.outcome(h)
+            except Exception as exc:  # noqa: BLE001 - reported in the result, counted as failed by the gate
+                # Even the user's model failing inside a job is that job's failure: its row shows the
+                # error and the other cells of the grid still get their numbers.
+                out = exc
+            self._finish(spec, out)
+
+    def _finish(self, spec: JobSpec, out) -> None:
+        self.outputs[spec.id] = out
+        self._tasks.pop(spec.id).close()
+        if isinstance(out, JobOutput) and out.state is not None and not out.report.get("cached"):
+            self.g.cache.put("attacks", self._cache_key(spec), {"state": out.state, "report": out.report})
+        for dep in self._waiting.pop(spec.id, []):
+            base = self.outputs.get(self.jobs[(dep.cut, dep.attack, "base")].id)
+            if not (isinstance(base, JobOutput) and base.state is not None):
+                self._finish(dep, RuntimeError(f"its base attack failed: {_error(base)}"))
+            elif dep.defense == "none":
+                self._submit(dep, base_state=base.state)
+            elif isinstance(out, JobOutput):
+                self._submit(dep, base_state=base.state, candidate=out)
+            else:
+                self._submit(dep, base_state=base.state)
+        self._open[spec.cut] -= 1
+        if self._open[spec.cut] == 0:  # the cut's shared inputs are no longer needed
+            del self._open[spec.cut], self._inputs[spec.cut]
+            self.ex.release(spec.cut)
+
+    def output(self, cut: str, attack: str, role: str) -> tuple[JobOutput | None, dict]:
+        """A row's attack output and its training report (a refinement's merged with its base's)."""
+        spec = self.jobs.get((cut, attack, role))
+        if spec is None or spec.id not in self.outputs:
+            return None, {"converged": False, "error": NOT_RUN}
+        out = self.outputs[spec.id]
+        if not isinstance(out, JobOutput):
+            return None, {"converged": False, "error": _error(out)}
+        report = out.report
+        base = self.jobs.get((cut, attack, "base"))
+        if spec.kind == "refine" and base is not None and isinstance(self.outputs.get(base.id), JobOutput):
+            report = _merge_reports(self.outputs[base.id].report, report)
+        return out, report
+
+
+def _error(exc) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _rows(g: _Grid, grid: _AttackGrid, latency: dict, prepared: dict, out: Path | None) -> list[ResultRow]:
+    from audit.report.images import save_grid
+
+    rows: list[ResultRow] = []
+    for cut in g.cuts:
         for defense in g.defenses:
             spec = defense.spec
-            model_d, model_hash_d, dinfo = g.model, g.model_hash, {}
-            if defense.changes_model:
-                pkey = spec + ("@" + cut.name if defense.per_cut_model else "")
-                if pkey not in prep_cache:
-                    with g.phase("defense fine-tuning"):
-                        prep_cache[pkey] = _prepare_model(g, defense, cut.name if defense.per_cut_model else None)
-                model_d, model_hash_d, dinfo = prep_cache[pkey]
-            with g.phase("capture"):
-                zd_aux, zd_eval = (z_aux, z_eval) if model_d is g.model else g.activations(model_d, model_hash_d, cut.name)
-            defense.fit(zd_aux)
-            gen = job_generator(cfg.seed, cut.name, spec, "defense")
-            da = defense.apply(zd_aux, generator=gen)
-            de = defense.apply(zd_eval, generator=gen)
-
-            with g.phase("utility"):
-                ukey = key_of("utility", model_hash_d, g.model_hash, g.data_hash, cut.name, spec, cfg.seed, cfg.profile)
-                hit = g.cache.get("utility", ukey)
-                if hit is None:
-                    hit = dict(zip(("accuracy", "agreement"), _utility(g, model_d, cut.name, defense)))
-                    g.cache.put("utility", ukey, hit)
-                acc, agree = hit["accuracy"], hit["agreement"]
-            with g.phase("latency"):
-                if spec == "none":
-                    base1, lat_d1, base64, lat_d64 = lat1, lat1, lat64, lat64
-                else:
-                    base1, lat_d1, base64, lat_d64 = _defended_latency(g, model_d, cut.name, defense, sample1, sample64)
-
+            dinfo = _model_for(g, prepared, defense, cut.name)[2]
+            base1, lat_d1, base64, lat_d64 = latency[(cut.name, spec)]
+            util = grid.utility.get((cut.name, spec), {})
             common = dict(
-                cut=cut.name, defense=spec, n_eval=int(g.x_eval.shape[0]), accuracy=_r(acc), agreement=_r(agree),
-                latency_ms=round(lat_d1, 4), latency_overhead_ms=round(lat_d1 - base1, 4), latency_ms_b64=round(lat_d64, 4),
-                latency_overhead_ms_b64=round(lat_d64 - base64, 4), epsilon=dinfo.get("epsilon"), delta=dinfo.get("delta"),
-                baseline_ssim=round(g.baseline_ssim, 5), baseline_psnr=round(g.baseline_psnr, 3),
+                cut=cut.name, defense=spec, n_eval=int(g.x_eval.shape[0]), accuracy=_r(util.get("accuracy")),
+                agreement=_r(util.get("agreement")), latency_ms=round(lat_d1, 4), latency_overhead_ms=round(lat_d1 - base1, 4),
+                latency_ms_b64=round(lat_d64, 4), latency_overhead_ms_b64=round(lat_d64 - base64, 4), epsilon=dinfo.get("epsilon"),
+                delta=dinfo.get("delta"), baseline_ssim=round(g.baseline_ssim, 5), baseline_psnr=round(g.baseline_psnr, 3),
                 bytes_per_sample=defense.wire_bytes(cut.shape), defense_info={**dinfo, **defense.info()},
             )
-            for attack_name in cfg.attacks:
-                clean_attack, clean_report = clean_attacks[attack_name]
-                variants: list[tuple[bool, Any, dict]] = []
-                learned = getattr(clean_attack, "needs_fit", True) if clean_attack is not None else True
-                if spec == "none" or (not learned and not defense.changes_model):
-                    # An attack that learns nothing from aux data cannot adapt to an activation defense.
-                    variants.append((False, clean_attack, clean_report))
-                else:
-                    with reporter.task(f"{cut.name}: {attack_name} adapted to {spec}") as task, g.phase("attacks"):
-                        adaptive, ad_report = g.refine(
-                            attack_name, da, bases[attack_name], cut=cut, model=model_d, model_hash=model_hash_d,
-                            defense_spec=spec, task=task,
-                        )
-                    variants.append((True, adaptive, ad_report))
-                    variants.append((False, clean_attack, clean_report))
-                for is_adaptive, attack, report in variants:
+            for attack_name in g.config.attacks:
+                variants = []
+                if spec != "none" and (cut.name, attack_name, spec) in grid.jobs:
+                    variants.append((True, *grid.output(cut.name, attack_name, spec)))
+                variants.append((False, *grid.output(cut.name, attack_name, "clean")))
+                for adaptive, output, report in variants:
                     with g.phase("scoring"):
-                        rows.append(_row(g, common, attack_name, is_adaptive, attack, report, de, out, save_grid))
-
+                        scores = output.scores.get(spec) if output is not None else None
+                        if output is not None and scores is None:
+                            output, report = None, {"converged": False, "error": NOT_RUN}
+                        rows.append(_row(g, common, attack_name, adaptive, scores, report, out, save_grid))
     _flag_inversions(rows)
+    return rows
+
+
+def _result(g: _Grid, cfg: AuditConfig, cut_infos: list[CutInfo], rows: list[ResultRow], t_start: float, interrupted: bool) -> AuditResult:
+    out = Path(cfg.out) if cfg.out else None
+    notes = list(g.notes)
+    if interrupted:
+        done = sum(1 for r in rows if r.error != NOT_RUN)
+        notes.insert(0, f"interrupted: {done} of {len(rows)} rows finished; the others are marked failed. Rerun to complete "
+                        "(finished attacks are cached).")
     result = AuditResult(
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         seed=cfg.seed,
@@ -487,9 +630,10 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
             "skipped_cuts": [list(s) for s in g.discovery.skipped], "seconds": round(time.perf_counter() - t_start, 1),
             "cache": g.cache.stats(),
             "timings": {k: round(v, 2) for k, v in g.timings.items()},
+            **g.executor_info, "interrupted": interrupted,
         },
         threshold=cfg.threshold,
-        notes=tuple(dict.fromkeys(g.notes)),
+        notes=tuple(dict.fromkeys(notes)),
     )
     if out is not None:
         result.save(out / "results.json")
@@ -542,25 +686,26 @@ def _r(v: float | None, nd: int = 5) -> float | None:
     return None if v is None else round(v, nd)
 
 
-def _row(g: _Grid, common: dict, attack_name: str, adaptive: bool, attack, report: dict, z_eval_def, out, save_grid) -> ResultRow:
-    if attack is None:
+def _row(g: _Grid, common: dict, attack_name: str, adaptive: bool, scores: Scores | None, report: dict, out, save_grid) -> ResultRow:
+    if scores is None:
         nan = math.nan
         return ResultRow(
             attack=attack_name, adaptive=adaptive, ssim=nan, ssim_ci=(nan, nan), psnr=nan, psnr_ci=(nan, nan), converged=False,
             status="failed", error=report.get("error"), flags=(f"attack failed: {report.get('error')}",), **common,
         )
-    scored = g.score(attack, z_eval_def)
     gen = job_generator(g.config.seed, common["cut"], common["defense"], attack_name, "bootstrap")
-    s = summarize(scored.ssim, generator=gen)
-    p = summarize(scored.psnr, generator=gen)
-    worst = most_recognizable(scored.ssim, N_WORST)
+    s = summarize(scores.ssim, generator=gen)
+    p = summarize(scores.psnr, generator=gen)
+    worst = most_recognizable(scores.ssim, N_WORST)
     images = None
     # Grids for every row an attacker would pick: undefended, and adaptive under a defense. The naive
     # (non-adaptive) rows only show the gap in numbers.
     if out is not None and (adaptive or common["defense"] == "none"):
         name = _safe(f"{common['cut']}__{common['defense']}__{attack_name}{'__adaptive' if adaptive else ''}") + ".png"
         fixed = torch.arange(min(N_GRID, g.x_eval.shape[0]))
-        save_grid(out / "images" / name, g.x_eval, scored.recon, fixed=fixed, worst=worst, ssim=scored.ssim)
+        recon = torch.zeros_like(g.x_eval)
+        recon[scores.recon_idx] = scores.recon.to(recon.device)
+        save_grid(out / "images" / name, g.x_eval, recon, fixed=fixed, worst=worst, ssim=scores.ssim)
         images = f"images/{name}"
     converged = bool(report.get("converged", True))
     flags = () if converged else ("attack did not beat the no-information guess on held-out aux data; its SSIM is a lower bound",)

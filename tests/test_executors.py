@@ -1,0 +1,179 @@
+"""Executors: the same rows wherever jobs run, failures retried or reported, interrupts keep what finished."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from audit.jobs import Activations, JobInputs, JobSpec, run_job
+from audit.progress import Reporter, Task
+from audit.runner import NOT_RUN, AuditConfig, AuditInterrupted, run_audit
+from tests.conftest import write_tiny_npz
+
+# A model whose forward fails while something differentiates through it with respect to the input:
+# only the white-box attack does, so capture, utility and latency run, and the rmle job fails.
+FLAKY = '''
+import torch
+from torch import nn
+
+COUNTER = {counter!r}
+FAIL_TIMES = {fail_times}
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 12 * 12, 4)
+
+    def forward(self, x):
+        if x.requires_grad:
+            with open(COUNTER) as f:
+                failed = len(f.read().splitlines())
+            if failed < FAIL_TIMES:
+                with open(COUNTER, "a") as f:
+                    f.write("failed\\n")
+                raise RuntimeError("injected failure")
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+'''
+
+
+def _flaky(tmp_path, fail_times):
+    counter = tmp_path / "attempts.txt"
+    counter.write_text("")
+    path = tmp_path / f"flaky{fail_times}.py"
+    path.write_text(FLAKY.format(counter=str(counter), fail_times=fail_times))
+    return path, counter
+
+
+def _config(npz, **kw):
+    base = dict(model="tests/tiny.py:build", data=str(npz), profile="quick", seed=0, use_cache=False,
+                defenses=("none", "noise:sigma=1"), cuts=("stem", "block"))
+    return AuditConfig(**(base | kw))
+
+
+def _values(result):
+    return [(r.key, r.ssim, r.ssim_ci, r.psnr, r.status, r.accuracy) for r in result.results]
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    return write_tiny_npz(tmp_path_factory.mktemp("ex") / "d.npz", n=240)
+
+
+def test_a_job_is_pure_same_inputs_same_output():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(80, 1, 12, 12, generator=g)
+    z = torch.nn.functional.avg_pool2d(x, 2).repeat(1, 3, 1, 1)
+    inputs = JobInputs(x_aux=x[:60], x_eval=x[60:], acts={"none": Activations(aux=z[:60], eval=z[60:])})
+    spec = JobSpec(cut="c", attack="decoder", defense="none", kind="fit", profile="quick", seed=3, score=("none",))
+    a, b = run_job(spec, inputs), run_job(spec, inputs)
+    assert torch.equal(a.scores["none"].ssim, b.scores["none"].ssim)
+    other = run_job(JobSpec(**{**spec.__dict__, "seed": 4}), inputs)
+    assert not torch.equal(a.scores["none"].ssim, other.scores["none"].ssim)
+
+
+def test_parallel_local_rows_equal_one_worker_rows_at_one_thread(npz, monkeypatch):
+    # With one intra-op thread per job either way, how many jobs run at once changes nothing.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = run_audit(_config(npz, workers=1))
+    finally:
+        torch.set_num_threads(threads)
+    parallel = run_audit(_config(npz, workers=2)) if threads == 2 else None
+    if parallel is not None:
+        assert _values(serial) == _values(parallel)
+    assert serial.config["executor"] == "local" and serial.config["threads_per_job"] == 1
+
+
+def test_a_failing_local_job_is_a_failed_row_with_its_error(npz, tmp_path):
+    path, counter = _flaky(tmp_path, fail_times=99)
+    result = run_audit(_config(npz, model=f"{path}:build", attacks=("rmle",), cuts=("conv",), defenses=("none",)))
+    (row,) = result.results
+    assert row.status == "failed" and "injected failure" in row.error and math.isnan(row.ssim)
+    assert counter.read_text().count("failed") == 1  # the local executor does not retry
+
+
+class _InterruptAfter(Reporter):
+    """Ctrl-C while the n-th job is being started."""
+
+    def __init__(self, n):
+        self.n, self.opened = n, 0
+
+    def open(self, description, total=None):
+        if "clean activations" in description or "adapted" in description or "refined" in description:
+            self.opened += 1
+            if self.opened == self.n:
+                raise KeyboardInterrupt
+        return Task()
+
+
+def test_an_interrupt_keeps_finished_rows_and_writes_a_whole_file(npz, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(AuditInterrupted) as info:
+        run_audit(_config(npz, out=str(out), workers=1), reporter=_InterruptAfter(5))
+    result = info.value.result
+    assert result.config["interrupted"] is True
+    done = [r for r in result.results if r.status != "failed"]
+    not_run = [r for r in result.results if r.error == NOT_RUN]
+    assert done and not_run and len(done) + len(not_run) == len(result.results)
+    saved = json.loads((out / "results.json").read_text())  # whole, parseable
+    assert saved["config"]["interrupted"] is True and "interrupted" in saved["notes"][0]
+    assert not list(out.glob("*.tmp*"))
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    ray = pytest.importorskip("ray", reason="Ray is the optional extra splitaudit[ray]")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_rows_equal_local_rows(npz, ray_runtime):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # Ray tasks get one thread each; so does every local job here
+    try:
+        local = run_audit(_config(npz, workers=1))
+    finally:
+        torch.set_num_threads(threads)
+    on_ray = run_audit(_config(npz, executor="ray"))
+    assert on_ray.config["executor"] == "ray" and on_ray.config["workers"] >= 1
+    assert _values(local) == _values(on_ray)
+
+
+def test_a_ray_task_that_fails_once_is_retried(npz, ray_runtime, tmp_path):
+    path, counter = _flaky(tmp_path, fail_times=1)
+    result = run_audit(_config(npz, model=f"{path}:build", attacks=("rmle",), cuts=("conv",), defenses=("none",), executor="ray"))
+    (row,) = result.results
+    assert counter.read_text().count("failed") == 1  # it did fail once ...
+    assert row.status != "failed" and math.isfinite(row.ssim)  # ... and the retry produced the row
+
+
+def test_a_ray_task_that_keeps_failing_is_reported_not_dropped(npz, ray_runtime, tmp_path):
+    from audit.ray_executor import MAX_RETRIES
+
+    path, counter = _flaky(tmp_path, fail_times=99)
+    result = run_audit(_config(npz, model=f"{path}:build", attacks=("rmle",), cuts=("conv",), defenses=("none",), executor="ray"))
+    (row,) = result.results
+    assert counter.read_text().count("failed") == 1 + MAX_RETRIES
+    assert row.status == "failed" and "injected failure" in row.error
+
+
+def test_executor_ray_without_ray_is_exit_2(monkeypatch, npz, capsys):
+    from audit.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    code = main(["audit", "--model", "tests/tiny.py:build", "--data", str(npz), "--executor", "ray", "--profile", "quick", "--no-cache"])
+    assert code == 2
+    assert "pip install 'splitaudit[ray]'" in capsys.readouterr().err
