@@ -30,7 +30,7 @@ from attacks.base import AttackContext, make_attack
 from attacks.training import TrainConfig, train
 from audit import __version__
 from audit.cache import Cache, key_of
-from audit.costs import bytes_per_sample, defense_latency_ms, head_flops, head_latency_ms
+from audit.costs import bytes_per_sample, defense_latency_ms, head_flops, head_latency_ms, model_latency_ms, tail_latency_ms
 from audit.cuts import Discovery, capture, discover_cuts, head_forward, predict, run_model
 from audit.data import Splits, data_hash, load_data, make_splits
 from audit.errors import DataError, ModelError, SpecError, UserError
@@ -387,6 +387,11 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
     prep_cache: dict[str, Any] = {}
     reps = g.profile["latency_repeats"]
     sample1, sample64 = g.x_eval[:1], g.x_eval[:64]
+    # The whole model (batch 1): the planner's all-on-device and all-on-server placements, and
+    # tail FLOPs = whole - head.
+    full_flops = g.flops(None)
+    with g.phase("latency"):
+        g.model_info.update(flops=full_flops, latency_ms=round(model_latency_ms(g.model, sample1, repeats=reps), 4))
 
     for cut in g.cuts:
         with g.phase("capture"):
@@ -394,11 +399,14 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
         with g.phase("latency"):
             lat1 = head_latency_ms(g.model, cut.name, sample1, repeats=reps)
             lat64 = head_latency_ms(g.model, cut.name, sample64, repeats=max(3, reps // 3))
+            tail1 = tail_latency_ms(g.model, cut.name, sample1, repeats=reps)
+        head = g.flops(cut.name)
         cut_infos.append(
             CutInfo(
-                name=cut.name, shape=cut.shape, bytes_per_sample=bytes_per_sample(cut.shape), head_flops=g.flops(cut.name),
+                name=cut.name, shape=cut.shape, bytes_per_sample=bytes_per_sample(cut.shape), head_flops=head,
                 head_latency_ms=round(lat1, 4), bytes_fp16=bytes_per_sample(cut.shape, "float16"), bytes_int8=bytes_per_sample(cut.shape, "int8"),
                 index=cut.index, module_type=cut.module_type, aliases=cut.aliases, head_latency_ms_b64=round(lat64, 4),
+                tail_flops=max(0, full_flops - head), tail_latency_ms=round(tail1, 4),
             )
         )
         # Equal budgets: every decoder gets the same total training. A base decoder is fitted on clean
@@ -657,7 +665,7 @@ def _prepare_model(g: _Grid, defense: Defense, cut: str | None):
 
 def list_cuts(model: str, *, weights: str | None = None, data: str | None = None, input_shape: tuple[int, ...] | None = None,
               device: str = "cpu") -> list[dict[str, Any]]:
-    """One dict per candidate cut: name, shape, bytes (f32/fp16/int8), head FLOPs and median head latency.
+    """One dict per candidate cut: name, shape, bytes (f32/fp16/int8), FLOPs and median latency of head and tail.
 
     Needs no training: a builtin model is measured with its untrained architecture (shapes, bytes,
     FLOPs and latency do not depend on the weights).
@@ -685,12 +693,15 @@ def list_cuts(model: str, *, weights: str | None = None, data: str | None = None
     sample = sample.to(dev)
     check_model_accepts(net, sample)
     disc = discover_cuts(net, sample)
+    full = head_flops(net, None, sample[:1])
     rows = []
     for c in disc.cuts:
+        head = head_flops(net, c.name, sample[:1])
         rows.append({
             "index": c.index, "name": c.name, "module_type": c.module_type, "aliases": list(c.aliases), "shape": list(c.shape),
             "bytes_per_sample": bytes_per_sample(c.shape), "bytes_fp16": bytes_per_sample(c.shape, "float16"),
-            "bytes_int8": bytes_per_sample(c.shape, "int8"), "head_flops": head_flops(net, c.name, sample[:1]),
+            "bytes_int8": bytes_per_sample(c.shape, "int8"), "head_flops": head,
             "head_latency_ms": round(head_latency_ms(net, c.name, sample[:1]), 4),
+            "tail_flops": max(0, full - head), "tail_latency_ms": round(tail_latency_ms(net, c.name, sample[:1]), 4),
         })
     return rows

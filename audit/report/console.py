@@ -29,13 +29,16 @@ def _kb(n: int | None) -> str:
 
 def cuts_table(rows: list[dict], *, title: str = "candidate cuts") -> Table:
     t = Table(title=title)
-    for col in ("#", "cut", "module", "shape", "KB/sample f32", "fp16", "int8", "head MFLOPs", "head ms (b=1)"):
+    cols = ("#", "cut", "module", "shape", "KB/sample f32", "fp16", "int8", "head MFLOPs", "head ms (b=1)", "tail MFLOPs", "tail ms (b=1)")
+    for col in cols:
         t.add_column(col, justify="right" if col not in ("cut", "module", "shape") else "left")
     for r in rows:
         t.add_row(
             str(r["index"]), r["name"] + (f" (= {', '.join(r['aliases'])})" if r.get("aliases") else ""), r["module_type"],
             "×".join(map(str, r["shape"])), _kb(r["bytes_per_sample"]), _kb(r["bytes_fp16"]), _kb(r["bytes_int8"]),
             f"{r['head_flops'] / 1e6:.3f}", f"{r['head_latency_ms']:.3f}",
+            "-" if r.get("tail_flops") is None else f"{r['tail_flops'] / 1e6:.3f}",
+            "-" if r.get("tail_latency_ms") is None else f"{r['tail_latency_ms']:.3f}",
         )
     return t
 
@@ -71,3 +74,4 @@ def print_audit(result: AuditResult, console: Console | None = None) -> None:
             console.print(f"[yellow]! {r.cut} / {r.defense} / {r.attack}{' adaptive' if r.adaptive else ''}: {f}[/yellow]")
     for n in result.notes:
         console.print(f"[yellow]note: {n}[/yellow]")
+
