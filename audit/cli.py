@@ -51,6 +51,12 @@ def _command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["splitaudit", *sys.argv[1:]])
 
 
+class Objective(str, Enum):
+    latency = "latency"
+    cost = "cost"
+    leakage = "leakage"
+
+
 def _run_and_render(config) -> None:
     from audit.progress import RichReporter
     from audit.report.console import print_audit
@@ -152,6 +158,40 @@ def report(
     target = output or results.parent / "report.html"
     write_report(result, target, base=results.parent)
     out_console.print(f"wrote {target}")
+
+
+@app.command()
+def plan(
+    results: Annotated[Path, typer.Argument(help="results.json of an audit")],
+    profile: Annotated[Optional[str], typer.Option(help="a preset (phone-4g, camera-wifi, iot-nbiot) or a TOML file; default phone-4g")] = None,
+    bandwidth: Annotated[Optional[float], typer.Option(help="uplink Mbit/s, instead of the profile's")] = None,
+    rtt: Annotated[Optional[float], typer.Option(help="round-trip time in ms, instead of the profile's")] = None,
+    max_ssim: Annotated[Optional[float], typer.Option(help="leakage limit (default: the audit's threshold)")] = None,
+    max_latency_ms: Annotated[Optional[float], typer.Option(help="end-to-end latency limit, ms")] = None,
+    max_cost: Annotated[Optional[float], typer.Option(help="cost limit per million inferences, in the profile's currency")] = None,
+    min_accuracy: Annotated[Optional[float], typer.Option(help="accuracy floor, 0-1")] = None,
+    max_accuracy_drop: Annotated[Optional[float], typer.Option(help="accuracy loss limit vs the undefended model, 0-1 (default 0.01)")] = None,
+    objective: Annotated[Objective, typer.Option(help="what the recommendation minimizes among the placements that meet the limits")]
+    = Objective.latency,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+    show_all: Annotated[bool, typer.Option("--all", help="list every candidate, not only the Pareto front")] = False,
+) -> None:
+    """Where to cut: latency, cost, leakage and accuracy of every placement for a deployment; exit 1 when no placement meets the limits."""
+    from audit.plan import constraints_from_flags, load_profile, make_plan
+    from audit.report.console import print_plan
+    from audit.results import AuditResult, _jsonable
+
+    prof = load_profile(profile).with_link(bandwidth=bandwidth, rtt=rtt)
+    flags = constraints_from_flags(max_ssim=max_ssim, max_latency_ms=max_latency_ms, max_cost=max_cost, min_accuracy=min_accuracy,
+                                   max_accuracy_drop=max_accuracy_drop)
+    result = AuditResult.load(results)
+    p = make_plan(result, prof, flags=flags, objective=objective.value)
+    if as_json:
+        print(json.dumps(_jsonable(p.to_dict()), indent=2, allow_nan=False))
+    else:
+        print_plan(p, out_console, show_all=show_all)
+    if not p.met and p.explicit_limits:
+        raise typer.Exit(1)
 
 
 from audit.gate import gate_cli  # noqa: E402

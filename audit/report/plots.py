@@ -6,7 +6,7 @@ user (cut and defense names become tick labels and legend entries) cannot turn i
 the ids matplotlib writes into each SVG cannot collide between plots. Mathtext is switched off so a
 ``$`` in a module name is drawn as a dollar sign instead of failing to parse.
 
-``pareto_front`` is the pure core of the trade-off plot and is tested on its own.
+``pareto_front`` (from :mod:`audit.plan`) is the pure core of the trade-off plot and is tested on its own.
 """
 
 from __future__ import annotations
@@ -39,24 +39,8 @@ _RC = {
 }
 
 
-# --- the pure part ---------------------------------------------------------------------------------
-def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
-    """Indices of the points no other point dominates, every coordinate to be minimized.
-
-    ``a`` dominates ``b`` when it is no worse in every coordinate and strictly better in one. Equal
-    points do not dominate each other, so duplicates on the front are all kept. A point with a NaN
-    coordinate is not comparable: it is never on the front and never dominates. The result is in
-    input order.
-    """
-    pts = [tuple(float(v) for v in p) for p in points]
-    if pts and len({len(p) for p in pts}) != 1:
-        raise ValueError("all points must have the same number of coordinates")
-    valid = [i for i, p in enumerate(pts) if not any(math.isnan(v) for v in p)]
-
-    def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-        return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
-
-    return [i for i in valid if not any(dominates(pts[j], pts[i]) for j in valid if j != i)]
+# --- the pure part: defined with the planner, which ranks placements by it --------------------------
+from audit.plan import pareto_front  # noqa: E402,F401  (re-exported: the report's trade-off plot uses it)
 
 
 # --- plot inputs -----------------------------------------------------------------------------------
@@ -198,3 +182,4 @@ def tradeoff(points: Sequence[TradePoint], *, threshold: float, defenses: Sequen
 
 def _short(name: str, n: int = 18) -> str:
     return name if len(name) <= n else name[: n - 1] + "…"
+
