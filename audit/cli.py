@@ -57,14 +57,45 @@ class Objective(str, Enum):
     leakage = "leakage"
 
 
-def _run_and_render(config) -> None:
+PLAN_PROFILE_HELP = "deployment profile for the planning section: a preset (phone-4g, camera-wifi, iot-nbiot) or a TOML file"
+
+
+def _load_plan_profile(ref: str | None):
+    """Load (and so validate) a plan profile before any long work; None when not asked for."""
+    if ref is None:
+        return None
+    from audit.plan import load_profile
+
+    return load_profile(ref)
+
+
+def _with_plan(result, profile):
+    """``result`` with the plan for ``profile`` under its extra top-level key ``plan``."""
+    from dataclasses import replace
+
+    from audit.plan import make_plan
+
+    return replace(result, plan=make_plan(result, profile).to_dict())
+
+
+def _run_and_render(config, plan_profile: str | None = None) -> None:
     from audit.progress import RichReporter
     from audit.report.console import print_audit
     from audit.runner import run_audit
 
+    profile = _load_plan_profile(plan_profile)
     with RichReporter(err_console) as reporter:
         result = run_audit(config, reporter=reporter)
     print_audit(result, out_console)
+    if profile is not None:
+        from audit.report.html import write_report
+
+        result = _with_plan(result, profile)
+        if config.out:  # the audit wrote both files already; write them again with the plan in
+            result.save(Path(config.out) / "results.json")
+            write_report(result, Path(config.out) / "report.html", base=Path(config.out))
+        rec = result.plan["recommendation"]
+        out_console.print(f"where to cut ({profile.name}): {rec['text']}", markup=False, highlight=False, soft_wrap=True)
     if config.out:
         out_console.print(f"wrote {Path(config.out) / 'results.json'} and {Path(config.out) / 'report.html'}")
 
@@ -77,6 +108,7 @@ def demo(
     seed: Annotated[int, typer.Option()] = 0,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="recompute everything")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(help="cache location (default ~/.cache/splitaudit)")] = None,
+    plan_profile: Annotated[Optional[str], typer.Option(help=PLAN_PROFILE_HELP)] = None,
 ) -> None:
     """Audit builtin:lenet on builtin:mnist at every cut with the default defenses."""
     from audit.runner import AuditConfig
@@ -85,7 +117,8 @@ def demo(
         AuditConfig(
             model="builtin:lenet", data="builtin:mnist", defenses=DEMO_DEFENSES, profile=profile.value, device=device.value,
             seed=seed, out=str(out), use_cache=not no_cache, cache_dir=str(cache_dir) if cache_dir else None, command=_command_line(),
-        )
+        ),
+        plan_profile,
     )
 
 
@@ -106,6 +139,7 @@ def audit(
     cache_dir: Annotated[Optional[Path], typer.Option(help="cache location (default ~/.cache/splitaudit)")] = None,
     aux_data: Annotated[Optional[str], typer.Option(help="the attacker's own data (another distribution), a data spec")] = None,
     aux_queries: Annotated[AuxQueries, typer.Option(help="query the head with aux images, or with random noise only")] = AuxQueries.data,
+    plan_profile: Annotated[Optional[str], typer.Option(help=PLAN_PROFILE_HELP)] = None,
 ) -> None:
     """Audit a model at every (or the given) cut: leakage, costs, defenses."""
     from audit.runner import AuditConfig
@@ -116,7 +150,8 @@ def audit(
             attacks=tuple(attack or ("decoder",)), profile=profile.value, device=device.value, seed=seed, out=str(out),
             threshold=threshold, use_cache=not no_cache, cache_dir=str(cache_dir) if cache_dir else None, command=_command_line(),
             aux_data=aux_data, aux_queries=aux_queries.value,
-        )
+        ),
+        plan_profile,
     )
 
 
@@ -149,12 +184,16 @@ def cuts(
 def report(
     results: Annotated[Path, typer.Argument(help="results.json of an audit")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="HTML file (default: report.html beside results)")] = None,
+    plan_profile: Annotated[Optional[str], typer.Option(help=PLAN_PROFILE_HELP + "; results.json is not changed")] = None,
 ) -> None:
     """Render the HTML report again from saved results."""
     from audit.report.html import write_report
     from audit.results import AuditResult
 
+    profile = _load_plan_profile(plan_profile)
     result = AuditResult.load(results)
+    if profile is not None:
+        result = _with_plan(result, profile)
     target = output or results.parent / "report.html"
     write_report(result, target, base=results.parent)
     out_console.print(f"wrote {target}")

@@ -26,6 +26,9 @@ from audit.plan import (
     preset_names,
 )
 from audit.results import AuditResult, CutInfo, ResultRow
+from tests.conftest import write_tiny_npz
+
+TINY = "tests/tiny.py:build"
 
 
 def run(capsys, *argv):
@@ -399,3 +402,71 @@ def test_results_without_tail_measurements_are_exit_2(capsys, tmp_path):
     assert_user_error(code, err, "no server-side (tail) measurements", "run the audit again")
     code, _, err = run(capsys, "plan", tmp_path / "nope.json")
     assert_user_error(code, err, "not found")
+
+
+# --- the plan in results.json and the report ----------------------------------------------------------------
+def test_plan_round_trips_in_results_json(tmp_path):
+    result = made_up()
+    with_plan = replace(result, plan=make_plan(result, load_profile("iot-nbiot")).to_dict())
+    back = AuditResult.load(with_plan.save(tmp_path / "r.json"))
+    assert back.plan == json.loads(json.dumps(with_plan.plan))
+    assert back.cuts == result.cuts and back.results == result.results
+    assert "plan" not in json.loads(result.save(tmp_path / "none.json").read_text())  # no key without a plan
+
+
+def test_report_renders_the_plan_escaped_and_self_contained(tmp_path, capsys):
+    from tests.test_report import EVIL, _tags, _visible_text
+
+    evil_cuts = tuple(replace(c, name=f"{c.name}{EVIL}") for c in CUTS)
+    rows = tuple(replace(r, cut=f"{r.cut}{EVIL}") for r in made_up().results)
+    result = made_up(rows, cuts=evil_cuts)
+    path = result.save(tmp_path / "results.json")
+    code, _, err = run(capsys, "report", path, "-o", tmp_path / "r.html", "--plan-profile", "camera-wifi")
+    assert code == 0, err
+    page = (tmp_path / "r.html").read_text()
+    assert json.loads(path.read_text()).get("plan") is None  # the report command leaves results.json alone
+    start = page.index('<section id="plan">')
+    section = _visible_text(page[start : page.index("</section>", start)])
+    assert "6. Where to cut" in section and "Recommendation:" in section and "If the bandwidth changes" in section
+    assert f"cut fc{EVIL}, no defense" in section  # shown as written ...
+    assert "<script" not in page.lower() and "http://" not in page and "https://" not in page  # ... never as markup
+    for t, attrs in _tags(page):
+        assert t != "script"
+        for k, v in attrs:
+            assert not k.startswith("on"), (t, k)
+            if k in ("src", "href"):
+                assert v.startswith(("data:", "#")), (t, k, v)
+    assert page.index('<section id="costs">') < start < page.index('<section id="threat">')
+    assert "7. Threat model" in page and "8. Reproducibility" in page
+
+
+# --- end to end: a real tiny audit -----------------------------------------------------------------------
+def test_audit_with_a_plan_profile_records_tails_and_the_plan(capsys, tmp_path):
+    npz = write_tiny_npz(tmp_path / "d.npz")
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "audit", "--model", TINY, "--data", npz, "--cut", "stem", "--cut", "fc", "--profile", "quick",
+                            "--out", out, "--plan-profile", "camera-wifi")
+    assert code == 0, err
+    raw = json.loads((out / "results.json").read_text())
+    full = raw["model"]["flops"]
+    assert full > 0 and raw["model"]["latency_ms"] > 0
+    for c in raw["cuts"]:
+        assert c["tail_flops"] + c["head_flops"] == full
+        assert c["tail_latency_ms"] > 0
+    assert {c["name"]: c["tail_flops"] for c in raw["cuts"]}["fc"] == 0
+    plan = raw["plan"]
+    assert plan["profile"]["name"] == "camera-wifi" and len(plan["candidates"]) == 2 + 2
+    assert AuditResult.load(out / "results.json").plan == plan
+    assert '<section id="plan">' in (out / "report.html").read_text()
+    assert "where to cut (camera-wifi)" in stdout
+    # ... and `splitaudit cuts` shows the same split of the FLOPs
+    code, stdout, err = run(capsys, "cuts", "--model", TINY, "--input-shape", "1,12,12", "--json")
+    assert code == 0, err
+    cuts = {c["name"]: c for c in json.loads(stdout)}
+    assert cuts["stem"]["head_flops"] + cuts["stem"]["tail_flops"] == full and cuts["fc"]["tail_flops"] == 0
+    assert all(c["tail_latency_ms"] >= 0 for c in cuts.values())
+
+
+def test_a_bad_plan_profile_fails_before_the_audit_runs(capsys, tmp_path):
+    code, _, err = run(capsys, "audit", "--model", TINY, "--data", tmp_path / "missing.npz", "--plan-profile", "nope")
+    assert_user_error(code, err, "unknown plan profile 'nope'")
