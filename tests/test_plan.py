@@ -470,3 +470,14 @@ def test_audit_with_a_plan_profile_records_tails_and_the_plan(capsys, tmp_path):
 def test_a_bad_plan_profile_fails_before_the_audit_runs(capsys, tmp_path):
     code, _, err = run(capsys, "audit", "--model", TINY, "--data", tmp_path / "missing.npz", "--plan-profile", "nope")
     assert_user_error(code, err, "unknown plan profile 'nope'")
+
+
+def test_the_readme_profile_example_loads(tmp_path):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Deployment profiles") :]
+    block = section[section.index("```toml\n") + len("```toml\n") : section.index("```", section.index("```toml\n") + 7)]
+    (tmp_path / "p.toml").write_text(block)
+    p = load_profile(str(tmp_path / "p.toml"))
+    assert p.name == "my-deployment" and p.link.uplink_mbit == 8.0 and p.constraints.max_latency_ms == 100.0
+    for name in preset_names():
+        assert f"`{name}`" in readme
