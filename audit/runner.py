@@ -30,7 +30,7 @@ from attacks.base import AttackContext, make_attack
 from attacks.training import TrainConfig, train
 from audit import __version__
 from audit.cache import Cache, key_of
-from audit.costs import bytes_per_sample, defense_latency_ms, head_flops, head_latency_ms, model_latency_ms, tail_latency_ms
+from audit.costs import bytes_per_sample, defense_latency_ms, head_flops, head_latency_ms
 from audit.cuts import Discovery, capture, discover_cuts, head_forward, predict, run_model
 from audit.data import Splits, data_hash, load_data, make_splits
 from audit.errors import DataError, ModelError, SpecError, UserError
@@ -387,11 +387,6 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
     prep_cache: dict[str, Any] = {}
     reps = g.profile["latency_repeats"]
     sample1, sample64 = g.x_eval[:1], g.x_eval[:64]
-    # The whole model (batch 1): the planner's all-on-device and all-on-server placements, and
-    # tail FLOPs = whole - head.
-    full_flops = g.flops(None)
-    with g.phase("latency"):
-        g.model_info.update(flops=full_flops, latency_ms=round(model_latency_ms(g.model, sample1, repeats=reps), 4))
 
     for cut in g.cuts:
         with g.phase("capture"):
@@ -399,15 +394,12 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
         with g.phase("latency"):
             lat1 = head_latency_ms(g.model, cut.name, sample1, repeats=reps)
             lat64 = head_latency_ms(g.model, cut.name, sample64, repeats=max(3, reps // 3))
-            tail1 = tail_latency_ms(g.model, cut.name, sample1, repeats=reps)
-        head = g.flops(cut.name)
         cut_infos.append(
-            CutInfo(
-                name=cut.name, shape=cut.shape, bytes_per_sample=bytes_per_sample(cut.shape), head_flops=head,
+            _with_tail(g, CutInfo(
+                name=cut.name, shape=cut.shape, bytes_per_sample=bytes_per_sample(cut.shape), head_flops=g.flops(cut.name),
                 head_latency_ms=round(lat1, 4), bytes_fp16=bytes_per_sample(cut.shape, "float16"), bytes_int8=bytes_per_sample(cut.shape, "int8"),
                 index=cut.index, module_type=cut.module_type, aliases=cut.aliases, head_latency_ms_b64=round(lat64, 4),
-                tail_flops=max(0, full_flops - head), tail_latency_ms=round(tail1, 4),
-            )
+            ))
         )
         # Equal budgets: every decoder gets the same total training. A base decoder is fitted on clean
         # activations; the undefended attacker refines it on clean activations for as many epochs as
@@ -663,6 +655,22 @@ def _prepare_model(g: _Grid, defense: Defense, cut: str | None):
     return model_d, state_hash(model_d), info
 
 
+def _with_tail(g: _Grid, info: CutInfo) -> CutInfo:
+    """``info`` with the server's share at its cut: tail FLOPs (whole model minus head) and median tail latency.
+
+    The first call also records the whole model's FLOPs and latency (batch 1) in ``model``: the
+    planner's all-on-the-device and all-on-the-server placements.
+    """
+    from audit.costs import model_latency_ms, tail_latency_ms
+
+    reps, sample1 = g.profile["latency_repeats"], g.x_eval[:1]
+    with g.phase("latency"):
+        if "flops" not in g.model_info:
+            g.model_info.update(flops=g.flops(None), latency_ms=round(model_latency_ms(g.model, sample1, repeats=reps), 4))
+        tail = tail_latency_ms(g.model, info.name, sample1, repeats=reps)
+    return replace(info, tail_flops=max(0, g.model_info["flops"] - info.head_flops), tail_latency_ms=round(tail, 4))
+
+
 def list_cuts(model: str, *, weights: str | None = None, data: str | None = None, input_shape: tuple[int, ...] | None = None,
               device: str = "cpu") -> list[dict[str, Any]]:
     """One dict per candidate cut: name, shape, bytes (f32/fp16/int8), FLOPs and median latency of head and tail.
@@ -692,6 +700,8 @@ def list_cuts(model: str, *, weights: str | None = None, data: str | None = None
     net = net.to(dev).eval()
     sample = sample.to(dev)
     check_model_accepts(net, sample)
+    from audit.costs import tail_latency_ms
+
     disc = discover_cuts(net, sample)
     full = head_flops(net, None, sample[:1])
     rows = []
