@@ -56,11 +56,39 @@ def _command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["splitaudit", *sys.argv[1:]])
 
 
-def _run_and_render(config) -> None:
+class Objective(str, Enum):
+    latency = "latency"
+    cost = "cost"
+    leakage = "leakage"
+
+
+PLAN_PROFILE_HELP = "deployment profile for the planning section: a preset (phone-4g, camera-wifi, iot-nbiot) or a TOML file"
+
+
+def _load_plan_profile(ref: str | None):
+    """Load (and so validate) a plan profile before any long work; None when not asked for."""
+    if ref is None:
+        return None
+    from audit.plan import load_profile
+
+    return load_profile(ref)
+
+
+def _with_plan(result, profile):
+    """``result`` with the plan for ``profile`` under its extra top-level key ``plan``."""
+    from dataclasses import replace
+
+    from audit.plan import make_plan
+
+    return replace(result, plan=make_plan(result, profile).to_dict())
+
+
+def _run_and_render(config, plan_profile: str | None = None) -> None:
     from audit.progress import RichReporter
     from audit.report.console import print_audit
     from audit.runner import AuditInterrupted, run_audit
 
+    profile = _load_plan_profile(plan_profile)
     try:
         with RichReporter(err_console) as reporter:
             result = run_audit(config, reporter=reporter)
@@ -70,6 +98,15 @@ def _run_and_render(config) -> None:
         err_console.print(f"error: interrupted{where}; rerun to finish (finished attacks are cached)", markup=False)
         raise typer.Exit(130) from None
     print_audit(result, out_console)
+    if profile is not None:
+        from audit.report.html import write_report
+
+        result = _with_plan(result, profile)
+        if config.out:  # the audit wrote both files already; write them again with the plan in
+            result.save(Path(config.out) / "results.json")
+            write_report(result, Path(config.out) / "report.html", base=Path(config.out))
+        rec = result.plan["recommendation"]
+        out_console.print(f"where to cut ({profile.name}): {rec['text']}", markup=False, highlight=False, soft_wrap=True)
     if config.out:
         out_console.print(f"wrote {Path(config.out) / 'results.json'} and {Path(config.out) / 'report.html'}")
 
@@ -85,6 +122,7 @@ def demo(
     executor: Annotated[ExecutorName, typer.Option(help="where attack jobs run: threads here, or a Ray cluster")] = ExecutorName.local,
     workers: Annotated[int, typer.Option(help="parallel attack jobs (local), or CPUs of a Ray runtime started here; 0: auto")] = 0,
     ray_address: Annotated[Optional[str], typer.Option(help="an existing Ray cluster (ray://host:10001 or auto); default: start one here")] = None,
+    plan_profile: Annotated[Optional[str], typer.Option(help=PLAN_PROFILE_HELP)] = None,
 ) -> None:
     """Audit builtin:lenet on builtin:mnist at every cut with the default defenses."""
     from audit.runner import AuditConfig
@@ -94,7 +132,8 @@ def demo(
             model="builtin:lenet", data="builtin:mnist", defenses=DEMO_DEFENSES, profile=profile.value, device=device.value,
             seed=seed, out=str(out), use_cache=not no_cache, cache_dir=str(cache_dir) if cache_dir else None, command=_command_line(),
             executor=executor.value, workers=workers, ray_address=ray_address,
-        )
+        ),
+        plan_profile,
     )
 
 
@@ -118,6 +157,7 @@ def audit(
     executor: Annotated[ExecutorName, typer.Option(help="where attack jobs run: threads here, or a Ray cluster")] = ExecutorName.local,
     workers: Annotated[int, typer.Option(help="parallel attack jobs (local), or CPUs of a Ray runtime started here; 0: auto")] = 0,
     ray_address: Annotated[Optional[str], typer.Option(help="an existing Ray cluster (ray://host:10001 or auto); default: start one here")] = None,
+    plan_profile: Annotated[Optional[str], typer.Option(help=PLAN_PROFILE_HELP)] = None,
 ) -> None:
     """Audit a model at every (or the given) cut: leakage, costs, defenses."""
     from audit.runner import AuditConfig
@@ -128,7 +168,8 @@ def audit(
             attacks=tuple(attack or ("decoder",)), profile=profile.value, device=device.value, seed=seed, out=str(out),
             threshold=threshold, use_cache=not no_cache, cache_dir=str(cache_dir) if cache_dir else None, command=_command_line(),
             aux_data=aux_data, aux_queries=aux_queries.value, executor=executor.value, workers=workers, ray_address=ray_address,
-        )
+        ),
+        plan_profile,
     )
 
 
@@ -161,15 +202,53 @@ def cuts(
 def report(
     results: Annotated[Path, typer.Argument(help="results.json of an audit")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="HTML file (default: report.html beside results)")] = None,
+    plan_profile: Annotated[Optional[str], typer.Option(help=PLAN_PROFILE_HELP + "; results.json is not changed")] = None,
 ) -> None:
     """Render the HTML report again from saved results."""
     from audit.report.html import write_report
     from audit.results import AuditResult
 
+    profile = _load_plan_profile(plan_profile)
     result = AuditResult.load(results)
+    if profile is not None:
+        result = _with_plan(result, profile)
     target = output or results.parent / "report.html"
     write_report(result, target, base=results.parent)
     out_console.print(f"wrote {target}")
+
+
+@app.command()
+def plan(
+    results: Annotated[Path, typer.Argument(help="results.json of an audit")],
+    profile: Annotated[Optional[str], typer.Option(help="a preset (phone-4g, camera-wifi, iot-nbiot) or a TOML file; default phone-4g")] = None,
+    bandwidth: Annotated[Optional[float], typer.Option(help="uplink Mbit/s, instead of the profile's")] = None,
+    rtt: Annotated[Optional[float], typer.Option(help="round-trip time in ms, instead of the profile's")] = None,
+    max_ssim: Annotated[Optional[float], typer.Option(help="leakage limit (default: the audit's threshold)")] = None,
+    max_latency_ms: Annotated[Optional[float], typer.Option(help="end-to-end latency limit, ms")] = None,
+    max_cost: Annotated[Optional[float], typer.Option(help="cost limit per million inferences, in the profile's currency")] = None,
+    min_accuracy: Annotated[Optional[float], typer.Option(help="accuracy floor, 0-1")] = None,
+    max_accuracy_drop: Annotated[Optional[float], typer.Option(help="accuracy loss limit vs the undefended model, 0-1 (default 0.01)")] = None,
+    objective: Annotated[Objective, typer.Option(help="what the recommendation minimizes among the placements that meet the limits")]
+    = Objective.latency,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+    show_all: Annotated[bool, typer.Option("--all", help="list every candidate, not only the Pareto front")] = False,
+) -> None:
+    """Where to cut: latency, cost, leakage and accuracy of every placement for a deployment; exit 1 when no placement meets the limits."""
+    from audit.plan import constraints_from_flags, load_profile, make_plan
+    from audit.report.console import print_plan
+    from audit.results import AuditResult, _jsonable
+
+    prof = load_profile(profile).with_link(bandwidth=bandwidth, rtt=rtt)
+    flags = constraints_from_flags(max_ssim=max_ssim, max_latency_ms=max_latency_ms, max_cost=max_cost, min_accuracy=min_accuracy,
+                                   max_accuracy_drop=max_accuracy_drop)
+    result = AuditResult.load(results)
+    p = make_plan(result, prof, flags=flags, objective=objective.value)
+    if as_json:
+        print(json.dumps(_jsonable(p.to_dict()), indent=2, allow_nan=False))
+    else:
+        print_plan(p, out_console, show_all=show_all)
+    if not p.met and p.explicit_limits:
+        raise typer.Exit(1)
 
 
 from audit.gate import gate_cli  # noqa: E402

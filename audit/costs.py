@@ -1,7 +1,15 @@
-"""What a cut costs the device: bytes on the wire, head FLOPs, head latency.
+"""What a cut costs: bytes on the wire, FLOPs and latency of the head (device) and of the tail (server).
 
 Latency is measured, never estimated from FLOPs: warm-up runs, then the median of repeats, with the
 thread count recorded next to the number (STYLE habit 13).
+
+The tail (everything after the cut, up to the model's output) is not a module either, and it cannot be
+run on its own: replacing the cut's output by a saved activation (a hook that returns it) still runs
+the head first. So the tail is measured inside one full forward pass: its FLOPs are the whole model's
+minus the head's (exact, since the flop counter counts each op once), and its time runs from the
+moment the cut module has produced its output to the moment ``forward`` returns
+(:func:`tail_latency_ms`). That is one clock, in one pass, rather than a difference of two noisy
+medians, so it is never negative.
 """
 
 from __future__ import annotations
@@ -14,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from audit.cuts import _StopForward, head_forward, run_model
+from audit.cuts import _module, _StopForward, head_forward, run_model
+from audit.errors import ModelError
 
 BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "int8": 1}
 
@@ -60,6 +69,54 @@ def median_ms(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 15, s
 
 def _sync_for(t: torch.Tensor):
     return torch.cuda.synchronize if t.is_cuda else None
+
+
+def tail_flops(model: nn.Module, cut: str, sample: torch.Tensor, *, full: int | None = None) -> int:
+    """FLOPs of the tail (what the server runs) for one sample: the whole model's minus the head's."""
+    full = head_flops(model, None, sample) if full is None else full
+    return max(0, full - head_flops(model, cut, sample))
+
+
+@torch.no_grad()
+def model_latency_ms(model: nn.Module, sample: torch.Tensor, *, warmup: int = 3, repeats: int = 15) -> float:
+    """Median time of the whole model on ``sample``: all on one machine, nothing sent."""
+    model.eval()
+    return median_ms(lambda: run_model(model, sample), warmup=warmup, repeats=repeats, sync=_sync_for(sample))
+
+
+@torch.no_grad()
+def tail_latency_ms(model: nn.Module, cut: str, sample: torch.Tensor, *, warmup: int = 3, repeats: int = 15) -> float:
+    """Median time from the cut's output to the end of the forward pass: the server's share.
+
+    A hook on the cut module reads the clock when the activation exists (after a device sync on
+    CUDA); the clock is read again when ``forward`` returns. The head runs in every pass but is not
+    timed.
+    """
+    model.eval()
+    sync = _sync_for(sample)
+    stamps: list[float] = []
+
+    def hook(module, inputs, output):
+        if sync:
+            sync()
+        stamps.append(time.perf_counter())
+
+    handle = _module(model, cut).register_forward_hook(hook)
+    times = []
+    try:
+        for i in range(warmup + repeats):
+            stamps.clear()
+            run_model(model, sample)
+            if sync:
+                sync()
+            end = time.perf_counter()
+            if len(stamps) != 1:
+                raise ModelError(f"cut {cut!r} ran {len(stamps)} times in one forward pass, so its tail is not defined")
+            if i >= warmup:
+                times.append((end - stamps[0]) * 1e3)
+    finally:
+        handle.remove()
+    return statistics.median(times)
 
 
 @torch.no_grad()

@@ -92,6 +92,9 @@ class AuditResult:
     threshold: float = 0.3
     notes: tuple[str, ...] = ()
     schema: str = SCHEMA
+    # An extra top-level key (the contract allows them): the output of ``splitaudit plan`` for a
+    # deployment profile, when the audit was given ``--plan-profile``. Written only when present.
+    plan: dict[str, Any] | None = None
 
     # --- views -----------------------------------------------------------------------------------
     def cut(self, name: str) -> CutInfo:
@@ -135,6 +138,8 @@ class AuditResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         order = ["schema", "created", "seed", "model", "data", "environment", "config", "threshold", "notes", "cuts", "results"]
+        if self.plan is not None:
+            order.append("plan")
         return _jsonable({k: d[k] for k in order})
 
     def to_json(self) -> str:

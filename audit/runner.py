@@ -388,11 +388,11 @@ def _costs(g: _Grid) -> tuple[list[CutInfo], dict, dict]:
                     defense.fit(capture(model_d, cut.name, g.x_aux[:256]))  # refitted on all aux data for the attacks
                     latency[(cut.name, defense.spec)] = _defended_latency(g, model_d, cut.name, defense, sample1, sample64)
         cut_infos.append(
-            CutInfo(
+            _with_tail(g, CutInfo(
                 name=cut.name, shape=cut.shape, bytes_per_sample=bytes_per_sample(cut.shape), head_flops=g.flops(cut.name),
                 head_latency_ms=round(lat1, 4), bytes_fp16=bytes_per_sample(cut.shape, "float16"), bytes_int8=bytes_per_sample(cut.shape, "int8"),
                 index=cut.index, module_type=cut.module_type, aliases=cut.aliases, head_latency_ms_b64=round(lat64, 4),
-            )
+            ))
         )
     return cut_infos, latency, prepared
 
@@ -800,9 +800,25 @@ def _prepare_model(g: _Grid, defense: Defense, cut: str | None):
     return model_d, state_hash(model_d), info
 
 
+def _with_tail(g: _Grid, info: CutInfo) -> CutInfo:
+    """``info`` with the server's share at its cut: tail FLOPs (whole model minus head) and median tail latency.
+
+    The first call also records the whole model's FLOPs and latency (batch 1) in ``model``: the
+    planner's all-on-the-device and all-on-the-server placements.
+    """
+    from audit.costs import model_latency_ms, tail_latency_ms
+
+    reps, sample1 = g.profile["latency_repeats"], g.x_eval[:1]
+    with g.phase("latency"):
+        if "flops" not in g.model_info:
+            g.model_info.update(flops=g.flops(None), latency_ms=round(model_latency_ms(g.model, sample1, repeats=reps), 4))
+        tail = tail_latency_ms(g.model, info.name, sample1, repeats=reps)
+    return replace(info, tail_flops=max(0, g.model_info["flops"] - info.head_flops), tail_latency_ms=round(tail, 4))
+
+
 def list_cuts(model: str, *, weights: str | None = None, data: str | None = None, input_shape: tuple[int, ...] | None = None,
               device: str = "cpu") -> list[dict[str, Any]]:
-    """One dict per candidate cut: name, shape, bytes (f32/fp16/int8), head FLOPs and median head latency.
+    """One dict per candidate cut: name, shape, bytes (f32/fp16/int8), FLOPs and median latency of head and tail.
 
     Needs no training: a builtin model is measured with its untrained architecture (shapes, bytes,
     FLOPs and latency do not depend on the weights).
@@ -829,13 +845,18 @@ def list_cuts(model: str, *, weights: str | None = None, data: str | None = None
     net = net.to(dev).eval()
     sample = sample.to(dev)
     check_model_accepts(net, sample)
+    from audit.costs import tail_latency_ms
+
     disc = discover_cuts(net, sample)
+    full = head_flops(net, None, sample[:1])
     rows = []
     for c in disc.cuts:
+        head = head_flops(net, c.name, sample[:1])
         rows.append({
             "index": c.index, "name": c.name, "module_type": c.module_type, "aliases": list(c.aliases), "shape": list(c.shape),
             "bytes_per_sample": bytes_per_sample(c.shape), "bytes_fp16": bytes_per_sample(c.shape, "float16"),
-            "bytes_int8": bytes_per_sample(c.shape, "int8"), "head_flops": head_flops(net, c.name, sample[:1]),
+            "bytes_int8": bytes_per_sample(c.shape, "int8"), "head_flops": head,
             "head_latency_ms": round(head_latency_ms(net, c.name, sample[:1]), 4),
+            "tail_flops": max(0, full - head), "tail_latency_ms": round(tail_latency_ms(net, c.name, sample[:1]), 4),
         })
     return rows

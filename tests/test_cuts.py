@@ -1,8 +1,10 @@
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from audit.costs import bytes_per_sample, head_flops
+from audit.costs import bytes_per_sample, head_flops, head_latency_ms, tail_flops, tail_latency_ms
 from audit.cuts import capture, discover_cuts, forward_with, head_forward
 from tests.tiny import TinyNet
 
@@ -87,3 +89,39 @@ def test_costs_count_only_the_head():
     assert stem == 2 * 4 * 1 * 9 * 144  # 2 * Cout * Cin * k^2 * H * W
     assert head_flops(net, "fc", x) > head_flops(net, "block", x) > stem
     assert bytes_per_sample((4, 12, 12)) == 4 * 576 and bytes_per_sample((4, 12, 12), "int8") == 576
+
+
+def test_tail_flops_are_the_rest_of_the_model():
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    x = torch.rand(1, 1, 12, 12)
+    full = head_flops(net, None, x)
+    for cut in discover_cuts(net, x).names():
+        assert head_flops(net, cut, x) + tail_flops(net, cut, x) == full
+    assert tail_flops(net, "fc", x) == 0  # nothing runs after the last layer
+    assert tail_flops(net, "stem", x) == full - 2 * 4 * 1 * 9 * 144
+
+
+class HeavyTail(nn.Module):
+    """A one-layer head and a tail of 24 large matmuls: the tail's time must dwarf the head's."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 512)
+        self.tail = nn.Sequential(*[nn.Linear(512, 512) for _ in range(24)])
+
+    def forward(self, x):
+        return self.tail(self.head(x))
+
+
+def test_tail_latency_times_the_tail_not_the_head():
+    torch.manual_seed(0)
+    net = HeavyTail().eval()
+    x = torch.rand(1, 16)
+    tail = tail_latency_ms(net, "head", x, repeats=9)
+    head = head_latency_ms(net, "head", x, repeats=9)
+    # A hook returning a saved activation would still run (and time) the head; this clock starts after it.
+    assert tail > 0 and math.isfinite(tail)
+    assert tail > 5 * head
+    # At the last layer there is (almost) nothing left to run.
+    assert tail_latency_ms(net, "tail", x, repeats=9) < tail / 5

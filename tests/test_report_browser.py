@@ -220,3 +220,25 @@ def test_report_in_chromium(chromium, tmp_path):
     stat = ImageStat.Stat(img)
     assert stat.stddev[0] > 10, "the screenshot looks blank"
     assert len(img.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50
+
+
+def test_report_with_a_plan_in_chromium(chromium, tmp_path):
+    from audit.plan import load_profile, make_plan
+    from tests.test_plan import CUTS, made_up
+
+    cuts = tuple(replace(c, name=f"{c.name}{EVIL}") for c in CUTS)
+    result = made_up(tuple(replace(r, cut=f"{r.cut}{EVIL}") for r in made_up().results), cuts=cuts)
+    result = replace(result, plan=make_plan(result, load_profile("phone-4g")).to_dict())
+    report = write_report(result, tmp_path / "report.html", base=tmp_path)
+
+    seen = load_in_browser(chromium, report, tmp_path / "profile")
+
+    page_url = report.resolve().as_uri()
+    assert [u for u in seen["requests"] if not (u == page_url or u.startswith("data:"))] == []
+    assert seen["failed"] == [] and seen["dialogs"] == [] and seen["exceptions"] == [] and seen["console"] == []
+    st = seen["state"]
+    assert st["scripts"] == 0
+    assert st["sections"] == ["verdict", "curve", "tradeoff", "images", "costs", "plan", "threat", "repro"]
+    assert all(i["ok"] for i in st["images"]), st["images"]
+    assert len(st["images"]) == 3  # the leakage curve, the trade-off and the plan's front
+    assert f"cut fc{EVIL}, no defense" in st["text"] and "Recommendation:" in st["text"]

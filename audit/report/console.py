@@ -29,13 +29,16 @@ def _kb(n: int | None) -> str:
 
 def cuts_table(rows: list[dict], *, title: str = "candidate cuts") -> Table:
     t = Table(title=title)
-    for col in ("#", "cut", "module", "shape", "KB/sample f32", "fp16", "int8", "head MFLOPs", "head ms (b=1)"):
+    cols = ("#", "cut", "module", "shape", "KB/sample f32", "fp16", "int8", "head MFLOPs", "head ms (b=1)", "tail MFLOPs", "tail ms (b=1)")
+    for col in cols:
         t.add_column(col, justify="right" if col not in ("cut", "module", "shape") else "left")
     for r in rows:
         t.add_row(
             str(r["index"]), r["name"] + (f" (= {', '.join(r['aliases'])})" if r.get("aliases") else ""), r["module_type"],
             "×".join(map(str, r["shape"])), _kb(r["bytes_per_sample"]), _kb(r["bytes_fp16"]), _kb(r["bytes_int8"]),
             f"{r['head_flops'] / 1e6:.3f}", f"{r['head_latency_ms']:.3f}",
+            "-" if r.get("tail_flops") is None else f"{r['tail_flops'] / 1e6:.3f}",
+            "-" if r.get("tail_latency_ms") is None else f"{r['tail_latency_ms']:.3f}",
         )
     return t
 
@@ -71,3 +74,116 @@ def print_audit(result: AuditResult, console: Console | None = None) -> None:
             console.print(f"[yellow]! {r.cut} / {r.defense} / {r.attack}{' adaptive' if r.adaptive else ''}: {f}[/yellow]")
     for n in result.notes:
         console.print(f"[yellow]note: {n}[/yellow]")
+
+
+# --- the plan ------------------------------------------------------------------------------------------
+def _sig(v: float | None, n: int = 3) -> str:
+    from audit.plan import _sig as sig
+
+    return "-" if v is None else sig(v, n)
+
+
+def _mbit(v: float) -> str:
+    return _sig(v, 2)
+
+
+def plan_header(plan) -> list[str]:
+    p = plan.profile
+    d, link, s = p.device, p.link, p.server
+    dev = f"device ×{d.speed:g} the audit machine" + (f", {d.flops_per_s:.3g} FLOP/s for compute" if d.flops_per_s else "")
+    srv = f"server ×{s.speed:g}" + (f", {s.flops_per_s:.3g} FLOP/s" if s.flops_per_s else "")
+    prices = [f"{s.price_per_s:.3g} {p.currency}/s" if s.price_per_s else "", f"{s.price_per_request:.3g} {p.currency}/request" if s.price_per_request else "",
+              f"egress {s.egress_per_gb:g} {p.currency}/GB" if s.egress_per_gb else "", f"ingress {s.ingress_per_gb:g} {p.currency}/GB" if s.ingress_per_gb else "",
+              f"link {link.price_per_gb:g} {p.currency}/GB" if link.price_per_gb else ""]
+    lines = [
+        f"profile {p.name} ({p.source})" + (f": {p.description}" if p.description else ""),
+        f"  {dev} · uplink {_mbit(link.uplink_mbit)} Mbit/s, RTT {link.rtt_ms:g} ms · {srv}"
+        + (" · " + ", ".join(x for x in prices if x) if any(prices) else " · no prices"),
+        "  limits: " + ", ".join(f"{_limit(lim)} ({lim.source})" for lim in plan.limits) + f" · objective: lowest {plan.objective}",
+    ]
+    return lines
+
+
+def _limit(lim) -> str:
+    from audit.plan import _limit_text
+
+    return _limit_text(lim)
+
+
+def plan_table(plan, *, show_all: bool = False) -> Table:
+    rec = plan.recommendation.index
+    front = set(plan.pareto)
+    shown = [c for c in plan.candidates if show_all or c.index in front or c.index == rec]
+    shown.sort(key=lambda c: (c.latency_ms, c.cost_per_million, c.index))
+    what = "every candidate" if show_all else f"the Pareto front, {len(shown)} of {len(plan.candidates)} candidates; --all lists every one"
+    t = Table(title=f"placements, fastest first ({what})", title_justify="left")
+    for col in ("", "placement", "SSIM", "KB sent", "device ms", "transfer ms", "server ms", "total ms", f"{plan.profile.currency}/1M",
+                "acc. loss", "limits"):
+        t.add_column(col, justify="left" if col in ("", "placement", "limits") else "right", overflow="fold")
+    for c in shown:
+        mark = "★" if c.index == rec else ("◆" if c.index in front else "")
+        if c.placement == "device":
+            ssim = "nothing sent"
+        elif c.ssim is None:
+            ssim = "no conclusion"
+        else:
+            ssim = f"{c.ssim:.3f}" + ("" if c.verified else " (lower bound)")
+        fails = plan.failed_limits(c)
+        t.add_row(
+            mark, _esc(c.label), ssim, f"{c.bytes_sent / 1024:.2f}", _sig(c.device_ms), _sig(c.transfer_ms), _sig(c.server_ms),
+            _sig(c.latency_ms), _sig(c.cost_per_million), f"{100 * c.utility_loss:.1f} pt",
+            "[green]met[/]" if not fails else "[red]fails " + "; ".join(fails) + "[/]",
+            style="bold" if c.index == rec else None,
+        )
+    return t
+
+
+def sensitivity_table(plan) -> Table:
+    t = Table(title="recommendation by uplink bandwidth (everything else as in the profile)", title_justify="left")
+    t.add_column("uplink Mbit/s")
+    t.add_column("recommendation", overflow="fold")
+    n = len(plan.sensitivity)
+    for i, iv in enumerate(plan.sensitivity):
+        if n == 1:
+            rng = f"{_mbit(iv.lo_mbit)} – {_mbit(iv.hi_mbit)} (all swept)"
+        elif i == 0:
+            rng = f"up to {_mbit(iv.hi_mbit)}"
+        elif i == n - 1:
+            rng = f"above {_mbit(iv.lo_mbit)}"
+        else:
+            rng = f"{_mbit(iv.lo_mbit)} – {_mbit(iv.hi_mbit)}"
+        label = _esc(iv.label) if iv.index is not None else f"[red]{_esc(iv.label)}[/]"
+        t.add_row(rng + ("  ← profile" if iv.current else ""), label)
+    return t
+
+
+def print_plan(plan, console: Console | None = None, *, show_all: bool = False) -> None:
+    console = console or Console()
+    for line in plan_header(plan):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    console.print(plan_table(plan, show_all=show_all))
+    console.print("★ recommended · ◆ Pareto-optimal (no other placement is at least as good in latency, cost, leakage and "
+                  "accuracy loss, and better in one)", highlight=False)
+    rec = plan.recommendation
+    if rec.index is not None:
+        c = plan.candidates[rec.index]
+        console.print(f"[bold green]recommendation:[/] {_esc(rec.text)}", highlight=False, soft_wrap=True)
+        console.print(f"  {_sig(c.latency_ms)} ms end to end ({_sig(c.device_ms)} device + {_sig(c.transfer_ms)} transfer + "
+                      f"{_sig(c.server_ms)} server), {_sig(c.cost_per_million)} {plan.profile.currency} per million inferences"
+                      + (f", SSIM {c.ssim:.3f} ({c.attack})" if c.ssim is not None and c.placement == "split" else ""),
+                      markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print("[bold red]no recommendation:[/] " + _esc(rec.unmet[0]), highlight=False, soft_wrap=True)
+        for line in rec.unmet[1:]:
+            console.print("  " + line, markup=False, highlight=False, soft_wrap=True)
+    console.print(sensitivity_table(plan))
+    for n in plan.notes:
+        console.print(f"note: {n}", markup=False, highlight=False, soft_wrap=True)
+    console.print("These are the numbers the attacks run in the audit achieved, not a guarantee; costs and latencies are "
+                  "estimates from the profile.", markup=False, highlight=False, soft_wrap=True)
+
+
+def _esc(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

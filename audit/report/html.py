@@ -22,7 +22,7 @@ from typing import Any
 import jinja2
 
 from audit.report.console import verdict
-from audit.report.plots import CurvePoint, TradePoint, leakage_curve, pareto_front, tradeoff
+from audit.report.plots import CurvePoint, PlanPoint, TradePoint, leakage_curve, pareto_front, plan_front, tradeoff
 from audit.results import AuditResult, ResultRow, atomic_write_text
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -183,6 +183,91 @@ def _reference_accuracy(result: AuditResult, cut: str, row: ResultRow | None = N
     return None
 
 
+def _plan_view(plan: Any, threshold: float) -> dict[str, Any] | None:
+    """The planning section, from the plan stored in results.json (a dict, so tolerant of missing keys)."""
+    if not isinstance(plan, dict) or not isinstance(plan.get("candidates"), list):
+        return None
+    cands = [c for c in plan["candidates"] if isinstance(c, dict)]
+    rec = plan.get("recommendation") if isinstance(plan.get("recommendation"), dict) else {}
+    rec_index = rec.get("index")
+    front = {i for i in plan.get("pareto") or [] if isinstance(i, int)}
+    profile = plan.get("profile") if isinstance(plan.get("profile"), dict) else {}
+    currency = str(profile.get("currency") or "")
+
+    def f(c, k):
+        v = c.get(k)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+    rows = []
+    for c in cands:
+        idx = c.get("index")
+        if c.get("placement") == "device":
+            ssim = "nothing sent"
+        elif not isinstance(c.get("ssim"), (int, float)):
+            ssim = "no conclusion"
+        else:
+            ssim = _num(c["ssim"]) + ("" if c.get("verified", True) else " (lower bound)")
+        rows.append({
+            "label": str(c.get("label", "")), "placement": str(c.get("placement", "split")), "ssim": ssim, "kb": _kb(c.get("bytes_sent")), "device_ms": f(c, "device_ms"),
+            "transfer_ms": f(c, "transfer_ms"), "server_ms": f(c, "server_ms"), "latency_ms": f(c, "latency_ms"),
+            "cost": f(c, "cost_per_million"), "loss": f(c, "utility_loss"), "accuracy": c.get("accuracy"),
+            "fails": [str(x) for x in c.get("fails") or []], "pareto": idx in front, "recommended": idx is not None and idx == rec_index,
+            "verified": bool(c.get("verified", True)), "notes": [str(n) for n in c.get("notes") or []],
+        })
+    rows.sort(key=lambda r: (not r["pareto"], r["latency_ms"] if math.isfinite(r["latency_ms"]) else math.inf))
+    points = [
+        PlanPoint(label=str(c.get("label", "")), placement=str(c.get("placement", "split")), latency_ms=f(c, "latency_ms"),
+                  cost=f(c, "cost_per_million"), leakage=f(c, "leakage"), verified=bool(c.get("verified", True)),
+                  pareto=c.get("index") in front, recommended=c.get("index") is not None and c.get("index") == rec_index)
+        for c in cands
+    ]
+    plot = plan_front(points, threshold=threshold, currency=currency) if any(math.isfinite(p.latency_ms) for p in points) else None
+    sens = []
+    ivs = [i for i in plan.get("sensitivity") or [] if isinstance(i, dict)]
+    for k, iv in enumerate(ivs):
+        lo, hi = iv.get("lo_mbit"), iv.get("hi_mbit")
+        if len(ivs) == 1:
+            rng = f"{_mbit(lo)} – {_mbit(hi)} (the whole sweep)"
+        elif k == 0:
+            rng = f"up to {_mbit(hi)}"
+        elif k == len(ivs) - 1:
+            rng = f"above {_mbit(lo)}"
+        else:
+            rng = f"{_mbit(lo)} – {_mbit(hi)}"
+        sens.append({"range": rng, "label": str(iv.get("label", "")), "current": bool(iv.get("current")), "none": iv.get("index") is None})
+    return {
+        "profile": profile, "device": profile.get("device") or {}, "link": profile.get("link") or {}, "server": profile.get("server") or {},
+        "currency": currency, "objective": str(plan.get("objective", "latency")),
+        "limits": [str(lim.get("text", "")) + f" ({lim.get('source', '')})" for lim in plan.get("limits") or [] if isinstance(lim, dict)],
+        "rows": rows, "n_front": sum(1 for r in rows if r["pareto"]), "plot": plot,
+        "rec_text": str(rec.get("text", "")), "rec_met": rec_index is not None, "unmet": [str(u) for u in rec.get("unmet") or []][1:],
+        "rec": next((r for r in rows if r["recommended"]), None), "sensitivity": sens,
+        "sweep": (_mbit(ivs[0].get("lo_mbit")), _mbit(ivs[-1].get("hi_mbit"))) if ivs else None,
+        "notes": [str(n) for n in plan.get("notes") or []],
+    }
+
+
+def _mbit(v: Any) -> str:
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        return "n/a"
+    from audit.plan import _sig
+
+    return _sig(float(v), 2)
+
+
+def _g(v: Any) -> str:
+    """A profile figure as written: ``0.02``, ``5e+07``; n/a when absent."""
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "n/a"
+
+
+def _sig3(v: Any) -> str:
+    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+        return "n/a"
+    from audit.plan import _sig
+
+    return _sig(float(v), 3)
+
+
 # --- context ------------------------------------------------------------------------------------------
 def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str, Any]:
     """Everything the template shows, as plain data; the template only lays it out."""
@@ -317,6 +402,7 @@ def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str,
 
     return {
         "r": result,
+        "plan": _plan_view(result.plan, thr),
         "threshold": thr,
         "cut_names": cut_names,
         "defenses": defenses,
@@ -361,7 +447,7 @@ def _environment(threshold: float) -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters.update(
-        num=_num, kb=_kb, mflops=_mflops, pct=_pct,
+        num=_num, kb=_kb, mflops=_mflops, pct=_pct, sig=_sig3, g=_g,
         verdict=lambda row: verdict(row, threshold), kind=lambda row: _kind(row, threshold),
     )
     env.tests["finite"] = _finite

@@ -6,7 +6,7 @@ user (cut and defense names become tick labels and legend entries) cannot turn i
 the ids matplotlib writes into each SVG cannot collide between plots. Mathtext is switched off so a
 ``$`` in a module name is drawn as a dollar sign instead of failing to parse.
 
-``pareto_front`` is the pure core of the trade-off plot and is tested on its own.
+``pareto_front`` (from :mod:`audit.plan`) is the pure core of the trade-off plot and is tested on its own.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ matplotlib.use("Agg")  # never open a window; must precede pyplot
 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 # Colour-blind-safe cycle (Okabe-Ito); "none" always gets the first colour.
 PALETTE = ("#d55e00", "#0072b2", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#000000", "#f0e442")
@@ -39,24 +40,8 @@ _RC = {
 }
 
 
-# --- the pure part ---------------------------------------------------------------------------------
-def pareto_front(points: Sequence[Sequence[float]]) -> list[int]:
-    """Indices of the points no other point dominates, every coordinate to be minimized.
-
-    ``a`` dominates ``b`` when it is no worse in every coordinate and strictly better in one. Equal
-    points do not dominate each other, so duplicates on the front are all kept. A point with a NaN
-    coordinate is not comparable: it is never on the front and never dominates. The result is in
-    input order.
-    """
-    pts = [tuple(float(v) for v in p) for p in points]
-    if pts and len({len(p) for p in pts}) != 1:
-        raise ValueError("all points must have the same number of coordinates")
-    valid = [i for i, p in enumerate(pts) if not any(math.isnan(v) for v in p)]
-
-    def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-        return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
-
-    return [i for i in valid if not any(dominates(pts[j], pts[i]) for j in valid if j != i)]
+# --- the pure part: defined with the planner, which ranks placements by it --------------------------
+from audit.plan import pareto_front  # noqa: E402,F401  (re-exported: the report's trade-off plot uses it)
 
 
 # --- plot inputs -----------------------------------------------------------------------------------
@@ -198,3 +183,67 @@ def tradeoff(points: Sequence[TradePoint], *, threshold: float, defenses: Sequen
 
 def _short(name: str, n: int = 18) -> str:
     return name if len(name) <= n else name[: n - 1] + "…"
+
+
+@dataclass(frozen=True)
+class PlanPoint:
+    """One placement of the deployment plan."""
+
+    label: str
+    placement: str  # split | device | server
+    latency_ms: float
+    cost: float  # per million inferences
+    leakage: float  # what the planner ranks by: 0 nothing sent, 1 raw input or unverified
+    verified: bool
+    pareto: bool
+    recommended: bool
+
+
+def plan_front(points: Sequence[PlanPoint], *, threshold: float, currency: str) -> str:
+    """Leakage against end-to-end latency (left, log scale) and against cost (right); the front ringed, the pick starred."""
+    with plt.rc_context(_RC):
+        height = 4.5
+        fig, (ax_l, ax_c) = plt.subplots(1, 2, figsize=(10.0, height))
+        fig.subplots_adjust(left=0.07, right=0.985, top=1 - 0.3 / height, bottom=1.15 / height, wspace=0.2)
+        groups = (
+            ("split, verified", lambda p: p.placement == "split" and p.verified, dict(color=PALETTE[1], marker="o")),
+            ("split, unverified (drawn at 1)", lambda p: p.placement == "split" and not p.verified,
+             dict(facecolors="none", edgecolors=PALETTE[4], marker="o")),
+            ("all on the device", lambda p: p.placement == "device", dict(color=PALETTE[2], marker="s")),
+            ("all on the server", lambda p: p.placement == "server", dict(color=PALETTE[0], marker="^")),
+        )
+        for ax, xkey in ((ax_l, "latency_ms"), (ax_c, "cost")):
+            for name, pred, style in groups:
+                pts = [p for p in points if pred(p) and _finite(getattr(p, xkey))]
+                if pts:
+                    ax.scatter([getattr(p, xkey) for p in pts], [p.leakage for p in pts], s=30, alpha=0.85, zorder=3,
+                               label=name if ax is ax_l else None, **style)
+            front = sorted((p for p in points if p.pareto), key=lambda p: getattr(p, xkey))
+            ax.scatter([getattr(p, xkey) for p in front], [p.leakage for p in front], s=130, facecolors="none", edgecolors="#111111",
+                       lw=1.2, zorder=4, label="Pareto-optimal" if ax is ax_l else None)
+            rec = [p for p in points if p.recommended]
+            ax.scatter([getattr(p, xkey) for p in rec], [p.leakage for p in rec], s=220, marker="*", color="#111111", zorder=5,
+                       label="recommended" if ax is ax_l else None)
+            ax.axhline(threshold, color="#b00020", ls="--", lw=1.2, label=f"threshold {threshold:.2f}" if ax is ax_l else None)
+            ax.set_ylim(-0.05, 1.08)
+            ax.set_ylabel("leakage (SSIM of the strongest attack)")
+            xs = [getattr(p, xkey) for p in points if _finite(getattr(p, xkey))]
+            if xkey == "latency_ms" and xs and min(xs) > 0:
+                ax.set_xscale("log")
+                # Plain numbers: with mathtext off, the default log labels would print their TeX source.
+                ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # labels even within one decade
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            lo, hi = (min(xs), max(xs)) if xs else (0.0, 1.0)
+            for p in front:
+                x = getattr(p, xkey)
+                right = (math.log(x) > (math.log(lo) + math.log(hi)) / 2) if ax.get_xscale() == "log" and hi > lo else (x > (lo + hi) / 2 and hi > lo)
+                ax.annotate(_short(p.label, 26), (x, p.leakage), xytext=(-7 if right else 7, 4), textcoords="offset points",
+                            ha="right" if right else "left", fontsize=7, color="#333333")
+        ax_l.set_xlabel("end-to-end latency, batch 1 (ms, log scale)")
+        ax_c.set_xlabel(f"cost per million inferences ({currency})")
+        ax_l.set_title("leakage vs latency", fontsize=9)
+        ax_c.set_title("leakage vs cost", fontsize=9)
+        handles, labels = ax_l.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
+        return _to_uri(fig)
