@@ -142,6 +142,9 @@ class GateConfig:
     device: str = "auto"
     aux_data: str | None = None
     aux_queries: str = "data"
+    executor: str = "local"
+    workers: int = 0
+    ray_address: str | None = None
     cache_dir: str | None = None
     out: str | None = None
     baseline: str | None = None
@@ -169,11 +172,12 @@ class GateConfig:
             attacks=self.attacks or ("decoder",), profile=self.profile, device=self.device, seed=self.seed, out=out,
             threshold=self.thresholds.get("max_ssim", DEFAULT_LIMITS["max_ssim"]), cache_dir=cache_dir or self.cache_dir,
             use_cache=use_cache, command=command, aux_data=self.aux_data, aux_queries=self.aux_queries,
+            executor=self.executor, workers=self.workers, ray_address=self.ray_address,
         )
 
 
 TOP_KEYS = ("model", "weights", "data", "cuts", "defenses", "attacks", "profile", "seed", "device", "aux_data", "aux_queries",
-            "cache_dir", "out", "baseline", "thresholds")
+            "executor", "workers", "ray_address", "cache_dir", "out", "baseline", "thresholds")
 LIMIT_KEYS = tuple(m.key for m in METRICS)
 THRESHOLD_KEYS = LIMIT_KEYS + ("rule",)
 RULE_KEYS = ("cut", "defense") + LIMIT_KEYS
@@ -287,6 +291,18 @@ def parse_gate_config(table: dict[str, Any], *, root: Path, where: str = CONFIG_
         if d not in ("auto", "cpu", "cuda"):
             raise UserError(f"unknown device {d!r} in {where}; choose auto, cpu or cuda")
         kw["device"] = d
+    if "executor" in table:
+        e = _expect(table["executor"], str, "executor", where, "a string")
+        if e not in ("local", "ray"):
+            raise UserError(f"unknown executor {e!r} in {where}; choose local or ray")
+        kw["executor"] = e
+    if "workers" in table:
+        w = _expect(table["workers"], int, "workers", where, "an integer")
+        if w < 0:
+            raise UserError(f"workers = {w} in {where} is out of range; allowed: 0 (auto) or more")
+        kw["workers"] = w
+    if "ray_address" in table:
+        kw["ray_address"] = _expect(table["ray_address"], str, "ray_address", where, "a string").strip() or None
     if "aux_queries" in table:
         q = _expect(table["aux_queries"], str, "aux_queries", where, "a string")
         if q not in ("data", "noise"):

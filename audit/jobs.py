@@ -109,7 +109,9 @@ def defended(defense_spec: str, acts: Activations, *, seed: int, cut: str, which
 def run_job(spec: JobSpec, inputs: JobInputs, *, on_epoch: Callable[[int, int, float], None] | None = None) -> JobOutput:
     """Fit (or load) the attack of ``spec`` and score it. Raises on failure; the driver records it."""
     start = time.perf_counter()
-    params = {"epochs": spec.epochs or 0, "restarts": 0} if spec.kind == "refine" else {}
+    # A refinement continues a fitted attack for exactly its budget: no restart, no extension (every
+    # refinement of a cut gets the same training, so none looks leakier from training alone).
+    params = {"epochs": spec.epochs or 0, "restarts": 0, "extensions": 0} if spec.kind == "refine" else {}
     attack = make_attack(spec.attack, profile=spec.profile, params=params)
     x_aux, x_eval = inputs.x_aux, inputs.x_eval
     z_train = defended(spec.defense, inputs.acts[spec.defense], seed=spec.seed, cut=spec.cut, which="aux")

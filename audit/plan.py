@@ -277,8 +277,19 @@ class Candidate:
         return d
 
 
-def _label(cut: str, defense: str) -> str:
-    return f"cut {cut}, " + ("no defense" if defense == "none" else defense)
+def _label(cut: str, defense: str, short: dict[str, str] | None = None) -> str:
+    return f"cut {cut}, " + ("no defense" if defense == "none" else (short or {}).get(defense, defense))
+
+
+def short_defense_names(specs) -> dict[str, str]:
+    """Canonical specs shortened to their first parameter (``noise:sigma=0.5``, ``dpsgd:epsilon=8``)
+    for tables; a spec keeps its full form when the short one would not tell it from another."""
+    specs = list(dict.fromkeys(specs))
+    short = {s: s.split(",")[0] for s in specs}
+    taken: dict[str, int] = {}
+    for v in short.values():
+        taken[v] = taken.get(v, 0) + 1
+    return {s: v if taken[v] == 1 else s for s, v in short.items()}
 
 
 def _attack_problems(rows: list[ResultRow]) -> list[str]:
@@ -388,6 +399,7 @@ def candidates(result: AuditResult, profile: PlanProfile) -> tuple[list[Candidat
     elif not dev.whole_model:
         notes.append("the profile says the device cannot run the whole model: no all-on-device placement")
 
+    short = short_defense_names(d for _, d in pairs)
     for pair in pairs:
         cut_name, defense = pair
         c = cuts[cut_name]
@@ -404,7 +416,7 @@ def candidates(result: AuditResult, profile: PlanProfile) -> tuple[list[Candidat
             cnotes.append("unverified: its SSIM is a lower bound, so it ranks and is checked as leakage 1.0")
         sent = urow.bytes_per_sample if urow.bytes_per_sample is not None else c.bytes_per_sample
         lat = urow.latency_ms if _finite(urow.latency_ms) else c.head_latency_ms + max(0.0, urow.latency_overhead_ms or 0.0)
-        add(placement="split", cut=cut_name, defense=defense, label=_label(cut_name, defense),
+        add(placement="split", cut=cut_name, defense=defense, label=_label(cut_name, defense, short),
             attack=None if head is None else head.attack + (" (adaptive)" if head.adaptive else ""),
             ssim=ssim, ssim_ci=None if head is None else tuple(head.ssim_ci), leakage=ssim if verified else 1.0, verified=verified,
             bytes_sent=int(sent), device_ms=device_time(lat, c.head_flops, urow.latency_overhead_ms or 0.0),

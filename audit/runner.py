@@ -45,7 +45,7 @@ from defenses.base import Defense, PrepareContext, make_defense
 PROFILES: dict[str, dict[str, Any]] = {
     # max_aux caps the attacker's data; draws: how many draws of a stochastic defense utility averages
     "quick": {"n_eval": 1000, "max_aux": 1000, "latency_repeats": 7, "draws": 2, "adaptive_epochs": 2},
-    "standard": {"n_eval": 1000, "max_aux": 2000, "latency_repeats": 15, "draws": 3, "adaptive_epochs": 3},
+    "standard": {"n_eval": 1000, "max_aux": 2000, "latency_repeats": 15, "draws": 3, "adaptive_epochs": 2},
     "thorough": {"n_eval": 1000, "max_aux": None, "latency_repeats": 30, "draws": 5, "adaptive_epochs": 0},
 }
 

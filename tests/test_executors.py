@@ -177,3 +177,46 @@ def test_executor_ray_without_ray_is_exit_2(monkeypatch, npz, capsys):
     code = main(["audit", "--model", "tests/tiny.py:build", "--data", str(npz), "--executor", "ray", "--profile", "quick", "--no-cache"])
     assert code == 2
     assert "pip install 'splitaudit[ray]'" in capsys.readouterr().err
+
+
+def _job_data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(120, 1, 12, 12, generator=g)
+    z = torch.nn.functional.avg_pool2d(x, 2).repeat(1, 3, 1, 1)
+    return JobInputs(x_aux=x[:90], x_eval=x[90:], acts={"none": Activations(aux=z[:90], eval=z[90:]),
+                                                         "noise:sigma=1,kind=gaussian": Activations(aux=z[:90], eval=z[90:])})
+
+
+def test_a_refinement_trains_exactly_its_budget_from_the_base():
+    inputs = _job_data()
+    base = run_job(JobSpec(cut="c", attack="decoder", defense="none", kind="fit", profile="standard", seed=0), inputs)
+    spec = JobSpec(cut="c", attack="decoder", defense="none", kind="refine", profile="standard", seed=0, epochs=2, score=("none",))
+    refined = run_job(spec, JobInputs(**{**inputs.__dict__, "base_state": base.state}))
+    assert refined.report["epochs"] == 2 and refined.report["restarts"] == 0  # no extension, no restart
+    assert not any("resumed" in n for n in refined.report["notes"])
+
+
+def test_the_adaptive_attacker_keeps_the_undefended_one_when_it_rebuilds_defended_aux_data_better():
+    inputs = _job_data()
+    fit = dict(cut="c", attack="decoder", kind="fit", profile="quick", seed=0)
+    good = run_job(JobSpec(defense="none", **fit), inputs)
+    bad = run_job(JobSpec(defense="none", **{**fit, "profile": "quick"}), JobInputs(**{**inputs.__dict__, "x_aux": torch.rand_like(inputs.x_aux)}))
+    # Refining the useless decoder for one epoch on defended data cannot beat the good one: it is kept.
+    spec = JobSpec(cut="c", attack="decoder", defense="noise:sigma=1,kind=gaussian", kind="refine", profile="quick", seed=0, epochs=1,
+                   score=("noise:sigma=1,kind=gaussian",))
+    out = run_job(spec, JobInputs(**{**inputs.__dict__, "base_state": bad.state, "candidate_state": good.state, "candidate_converged": False}))
+    sel = out.report["selection"]
+    assert sel["undefended_holdout_ssim"] > sel["refined_holdout_ssim"]
+    assert any("kept the undefended attacker" in n for n in out.report["notes"])
+    assert out.report["converged"] is False  # the kept attacker's own status travels with it
+    assert torch.equal(out.state["net"]["head.3.weight"], good.state["net"]["head.3.weight"])
+
+
+def test_full_resolution_decoding_for_an_activation_at_the_inputs_resolution():
+    from attacks.decoder import InverseNet
+
+    z = torch.randn(4, 6, 28, 28)
+    half, full = InverseNet((6, 28, 28), (1, 28, 28), 32), InverseNet((6, 28, 28), (1, 28, 28), 32, full_res=True)
+    assert (half.r, full.r) == (2, 1)
+    assert half(z).shape == full(z).shape == (4, 1, 28, 28)
+    assert InverseNet((16, 10, 10), (1, 28, 28), 32, full_res=True).r == 2  # coarser activations keep the cheap path

@@ -74,6 +74,8 @@ def by_name(report):
         ({"attacks": ["magic"]}, ["unknown attack", "decoder"]),
         ({"model": "no_callable_part"}, ["model spec"]),
         ({"aux_queries": "random"}, ["aux_queries", "data or noise"]),
+        ({"executor": "spark"}, ["unknown executor", "local or ray"]),
+        ({"workers": -1}, ["workers", "out of range"]),
     ],
 )
 def test_config_is_strict(table, words):
@@ -88,7 +90,7 @@ def test_config_resolves_paths_against_its_folder_and_canonicalizes_defenses(tmp
     cfg_file = tmp_path / "sub" / "splitaudit.toml"
     cfg_file.write_text(
         'model = "m.py:build"\nweights = "w.pt"\ndata = "d.npz"\naux_data = "builtin:mnist"\ncache_dir = "c"\nbaseline = "/abs/b.json"\n'
-        'defenses = ["none", "noise:sigma=1"]\n[thresholds]\nmin_accuracy = 0.5\n'
+        'defenses = ["none", "noise:sigma=1"]\nexecutor = "ray"\nworkers = 3\n[thresholds]\nmin_accuracy = 0.5\n'
         '[[thresholds.rule]]\ndefense = "noise:sigma=1"\nmax_ssim = 0.6\n'
     )
     cfg = load_gate_config(cfg_file)
@@ -96,6 +98,7 @@ def test_config_resolves_paths_against_its_folder_and_canonicalizes_defenses(tmp
     assert cfg.model == f"{root / 'm.py'}:build"
     assert (cfg.weights, cfg.data, cfg.cache_dir, cfg.baseline) == (str(root / "w.pt"), str(root / "d.npz"), str(root / "c"), "/abs/b.json")
     assert cfg.defenses == ("none", NOISE) and cfg.aux_data == "builtin:mnist"
+    assert cfg.audit_config().executor == "ray" and cfg.audit_config().workers == 3
     assert cfg.thresholds == {"max_ssim": 0.3, "min_accuracy": 0.5}  # max_ssim defaults to 0.3
     assert cfg.rules[0].defense == NOISE
     assert cfg.audit_config().threshold == 0.3
