@@ -53,7 +53,6 @@ import difflib
 import math
 import shlex
 import sys
-import tomllib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,6 +62,7 @@ import typer
 
 from audit.errors import UserError
 from audit.results import AuditResult, ResultRow, atomic_write_text
+from audit.specs import read_toml
 
 CONFIG_FILE = "splitaudit.toml"
 DEFAULT_OUT = "splitaudit-gate"
@@ -334,20 +334,6 @@ def parse_gate_config(table: dict[str, Any], *, root: Path, where: str = CONFIG_
     return GateConfig(**kw, thresholds=thresholds, rules=tuple(rules), path=where)
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise UserError(f"config file {str(path)!r} not found") from None
-    except IsADirectoryError:
-        raise UserError(f"config file {str(path)!r} is a folder") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"config file {str(path)!r} cannot be read: {exc}") from None
-
-
 def load_gate_config(path: str | Path | None = None, *, cwd: str | Path | None = None) -> GateConfig:
     """Load ``path``, or ``./splitaudit.toml``, or ``[tool.splitaudit]`` of ``./pyproject.toml``.
 
@@ -357,13 +343,13 @@ def load_gate_config(path: str | Path | None = None, *, cwd: str | Path | None =
         here = Path(cwd) if cwd is not None else Path.cwd()
         if (here / CONFIG_FILE).is_file():
             path = here / CONFIG_FILE
-        elif (here / "pyproject.toml").is_file() and "splitaudit" in _read_toml(here / "pyproject.toml").get("tool", {}):
+        elif (here / "pyproject.toml").is_file() and "splitaudit" in read_toml(here / "pyproject.toml", "config file").get("tool", {}):
             path = here / "pyproject.toml"
         else:
             raise UserError(f"no gate config: found neither {CONFIG_FILE} nor [tool.splitaudit] in pyproject.toml in {here}; "
                             "pass --config FILE")
     path = Path(path)
-    data = _read_toml(path)
+    data = read_toml(path, "config file")
     if path.name == "pyproject.toml":
         table = data.get("tool", {}).get("splitaudit")
         if table is None:

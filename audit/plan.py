@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import tomllib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -46,7 +45,7 @@ from typing import Any
 
 from audit.errors import DataError, SpecError
 from audit.results import AuditResult, ResultRow
-from audit.specs import build_config, param
+from audit.specs import build_config, param, read_toml
 
 PRESETS_DIR = Path(__file__).parent / "plan_profiles"
 DEFAULT_PRESET = "phone-4g"
@@ -207,20 +206,6 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
 
 
-def _read_toml(path: Path, what: str) -> dict[str, Any]:
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise SpecError(f"{what} {str(path)!r} not found") from None
-    except IsADirectoryError:
-        raise SpecError(f"{what} {str(path)!r} is a folder") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{what} {str(path)!r} is not valid TOML: {exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{what} {str(path)!r} cannot be read: {exc}") from None
-
-
 def load_profile(name_or_path: str | Path | None = None) -> PlanProfile:
     """A preset by name (``phone-4g``), or a TOML file; ``None`` is the default preset."""
     ref = str(name_or_path) if name_or_path is not None else DEFAULT_PRESET
@@ -230,9 +215,9 @@ def load_profile(name_or_path: str | Path | None = None) -> PlanProfile:
         if ref not in presets:
             raise SpecError(f"unknown plan profile {ref!r}; presets: {', '.join(presets)}; or give a .toml file")
         path = PRESETS_DIR / f"{ref}.toml"
-        return parse_profile(_read_toml(path, "preset"), name=ref, source=f"preset {ref}")
+        return parse_profile(read_toml(path, "preset"), name=ref, source=f"preset {ref}")
     path = Path(ref).expanduser()
-    return parse_profile(_read_toml(path, "plan profile"), name=path.stem, source=str(path))
+    return parse_profile(read_toml(path, "plan profile"), name=path.stem, source=str(path))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ resolving (importing, loading) so the grammar can be tested on its own.
 from __future__ import annotations
 
 import re
+import tomllib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from audit.errors import SpecError
 
@@ -156,3 +159,18 @@ def build_config(cls, params: dict[str, object], *, what: str):
             raise SpecError(f"{what}: {name}={format_value(value)} is out of range; allowed: {_range_text(meta)}")
         values[name] = value
     return cls(**values)
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict; every way it can fail is a one-line SpecError naming ``what`` it is."""
+    try:
+        with Path(path).open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise SpecError(f"{what} {str(path)!r} not found") from None
+    except IsADirectoryError:
+        raise SpecError(f"{what} {str(path)!r} is a folder") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{what} {str(path)!r} is not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{what} {str(path)!r} cannot be read: {exc}") from None
