@@ -90,7 +90,9 @@ def train(
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     dataset = TensorDataset(*train_data)
     sampler = RandomSampler(dataset, generator=generator)
-    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=False)
+    # The loader draws a base seed per epoch; without its own generator it would take it from torch's
+    # global one, which jobs in other threads seed to build their modules (attacks.base.seeded_init).
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=False, generator=generator)
     run_model = model
     if wrap is not None:
         run_model, opt, loader = wrap(model, opt, loader)

@@ -220,3 +220,13 @@ def test_full_resolution_decoding_for_an_activation_at_the_inputs_resolution():
     assert (half.r, full.r) == (2, 1)
     assert half(z).shape == full(z).shape == (4, 1, 28, 28)
     assert InverseNet((16, 10, 10), (1, 28, 28), 32, full_res=True).r == 2  # coarser activations keep the cheap path
+
+
+def test_an_interrupt_during_a_ray_run_cancels_its_tasks_and_keeps_finished_rows(npz, ray_runtime, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(AuditInterrupted) as info:
+        run_audit(_config(npz, out=str(out), executor="ray"), reporter=_InterruptAfter(4))
+    result = info.value.result
+    assert result.config["interrupted"] is True and result.config["executor"] == "ray"
+    assert any(r.error == NOT_RUN for r in result.results)
+    assert json.loads((out / "results.json").read_text())["config"]["interrupted"] is True
