@@ -85,5 +85,5 @@ _INIT_LOCK = threading.Lock()
 def seeded_init(seed: int) -> Iterator[None]:
     """Build modules under ``seed`` without touching the global generator's state outside the block."""
     with _INIT_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that would reseed CUDA's too
         yield

@@ -20,6 +20,7 @@ worker gets ``threads // workers`` intra-op threads.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import copy
 import os
 import queue
 import threading
@@ -52,6 +53,7 @@ class LocalExecutor:
         self._stop = threading.Event()
         self._pool: cf.ThreadPoolExecutor | None = None
         self._threads: int | None = None
+        self._models: dict[Any, torch.nn.Module] = {}
 
     def __enter__(self):
         self._pool = cf.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="splitaudit-job")
@@ -63,9 +65,12 @@ class LocalExecutor:
     def __exit__(self, *exc):
         if exc[0] is not None:
             self.cancel()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._threads is not None:
-            torch.set_num_threads(self._threads)
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            self._models.clear()
+            if self._threads is not None:
+                torch.set_num_threads(self._threads)
         return False
 
     @property
@@ -73,10 +78,17 @@ class LocalExecutor:
         return torch.get_num_threads()
 
     def put(self, key: Any, value: Any) -> Any:
+        # A model gets a copy per key: the hooks that stop a forward at a cut live on the module, so a
+        # job running the head must not share it with the driver (capturing the next cut) or another job.
+        if isinstance(value, torch.nn.Module):
+            if key not in self._models:
+                self._models[key] = copy.deepcopy(value)
+            return self._models[key]
         return value
 
     def release(self, cut: str) -> None:
-        pass
+        for key in [k for k in self._models if isinstance(k, tuple) and len(k) > 1 and k[1] == cut]:
+            del self._models[key]
 
     def submit(self, spec: JobSpec, inputs: JobInputs) -> cf.Future:
         def on_epoch(ep, total, _val, _id=spec.id):

@@ -167,7 +167,7 @@ def _select(attack, candidate_state: dict, spec: JobSpec, z_aux: torch.Tensor, x
 
     mine, theirs = score(attack), score(other)
     report["selection"] = {"refined_holdout_ssim": round(mine, 5), "undefended_holdout_ssim": round(theirs, 5)}
-    if theirs > mine:
+    if not mine >= theirs:  # a NaN refinement loses too
         report["notes"] = list(report["notes"]) + [
             f"kept the undefended attacker: on defended held-out aux data its SSIM {theirs:.3f} beats the refinement's {mine:.3f}"
         ]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from audit.errors import UserError
-from audit.jobs import JobInputs, JobOutput, JobSpec, Scores, run_job
+from audit.jobs import Activations, JobInputs, JobOutput, JobSpec, Scores, run_job
 
 MAX_RETRIES = 2
 
@@ -40,6 +40,8 @@ def _cpu(x):
         return x.cpu()
     if isinstance(x, dict):
         return {k: _cpu(v) for k, v in x.items()}
+    if isinstance(x, Activations):
+        return Activations(aux=x.aux.cpu(), eval=x.eval.cpu())
     return x
 
 
@@ -50,7 +52,7 @@ def _task(spec: JobSpec, inputs: JobInputs, events, threads: int) -> JobOutput:
     acts = {}
     for k, ref in inputs.acts.items():
         a = _resolve(ref)
-        acts[k] = type(a)(aux=a.aux.to(device), eval=a.eval.to(device))
+        acts[k] = Activations(aux=a.aux.to(device), eval=a.eval.to(device))
     head = _resolve(inputs.head)
     resolved = JobInputs(
         x_aux=_resolve(inputs.x_aux).to(device), x_eval=_resolve(inputs.x_eval).to(device), acts=acts,
@@ -166,8 +168,8 @@ class RayExecutor:
         try:
             return ray.get(handle)
         except ray.exceptions.RayTaskError as exc:
-            cause = exc.as_instanceof_cause()
-            raise cause from None
+            cause = getattr(exc, "cause", None)  # the job's own exception, without Ray's wrapping
+            raise (cause if isinstance(cause, BaseException) else exc.as_instanceof_cause()) from None
 
     def progress(self) -> list[tuple[str, int, int]]:
         out = []

@@ -83,8 +83,21 @@ class AuditConfig:
             raise SpecError(f"unknown executor {self.executor!r}; choose local or ray")
         if self.workers < 0:
             raise SpecError(f"--workers must be 0 (auto) or positive, got {self.workers}")
+        if not self.attacks:
+            raise SpecError("no attack given; known attacks: " + ", ".join(sorted(_attack_names())))
+        if self.executor == "ray":
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                raise UserError("--executor ray needs Ray; install it with: pip install 'splitaudit[ray]'") from None
         if not 0 < self.threshold <= 1:
             raise SpecError(f"threshold {self.threshold} is out of range; allowed: (0, 1]")
+
+
+def _attack_names() -> list[str]:
+    from attacks.base import ATTACKS
+
+    return list(ATTACKS)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -255,7 +268,8 @@ class _Grid:
         self.discovery: Discovery = discover_cuts(self.model, self.x_eval[:2])
         if not self.discovery.cuts:
             raise ModelError("the model has no candidate cut: no submodule returns a tensor")
-        self.cuts = [self.discovery.get(c) for c in cfg.cuts] if cfg.cuts else list(self.discovery.cuts)
+        picked = [self.discovery.get(c) for c in cfg.cuts] if cfg.cuts else list(self.discovery.cuts)
+        self.cuts = list({c.name: c for c in picked}.values())  # a cut named twice (or by an alias) is audited once
         self.clean_pred = self._predict(self.model)
         # The no-information baseline: the mean aux image, scored like a reconstruction.
         prior = self.x_aux.mean(dim=0, keepdim=True).expand_as(self.x_eval)
@@ -347,6 +361,7 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
 
 
 NOT_RUN = "not run: the audit was interrupted"
+MAX_CUTS_IN_FLIGHT = 8
 
 
 class AuditInterrupted(KeyboardInterrupt):
@@ -413,6 +428,8 @@ class _AttackGrid:
         self.jobs: dict[tuple[str, str, str], JobSpec] = {}  # (cut, attack, role) -> spec; role: base | clean | defense spec
         self.utility: dict[tuple[str, str], dict] = {}
         self._same_utility: dict[tuple[str, str], dict] = {}
+        self.defense_info: dict[tuple[str, str], dict] = {}  # (cut, defense) -> what the defense fitted there
+        self._keys: dict[str, str] = {}  # job id -> cache key
         self.threads_per_job = executor.threads_per_job
         self._handles: dict[Any, JobSpec] = {}
         self._tasks: dict[str, Any] = {}
@@ -443,10 +460,12 @@ class _AttackGrid:
                                             score=(d.spec,), label=f"{cut}: {name} adapted to {d.spec}", **common)))
         return out
 
-    def _cache_key(self, spec: JobSpec) -> str:
+    def _cache_key(self, spec: JobSpec, has_candidate: bool) -> str:
+        """What the fitted attack depends on; not what it is scored on or how its progress bar reads."""
         g = self.g
         model_hash = self._model(spec.defense, spec.cut)[1]
-        return key_of("attack-job", spec, model_hash, g.model_hash, g.data_hash, g.aux_key)
+        what = (spec.cut, spec.attack, spec.defense, spec.kind, spec.profile, spec.seed, spec.epochs, has_candidate)
+        return key_of("attack-job", what, model_hash, g.model_hash, g.data_hash, g.aux_key)
 
     def _model(self, defense_spec: str, cut: str):
         d = next(d for d in self.g.defenses if d.spec == defense_spec) if defense_spec != "none" else None
@@ -456,13 +475,21 @@ class _AttackGrid:
 
     # -- running --
     def run(self) -> None:
-        window = max(2, self.ex.workers + 1)  # cuts whose activations are held at once
+        # Cuts whose activations are held at once: enough to keep every worker busy, few enough for memory.
+        window = max(2, min(self.ex.workers + 1, MAX_CUTS_IN_FLIGHT))
         for cut in self.g.cuts:
             while len(self._open) >= window:
                 self._pump()
             self._start_cut(cut.name)
         while self._handles:
             self._pump()
+
+    def plan(self, cut: str) -> list[tuple[str, JobSpec]]:
+        """The jobs of ``cut``, registered in ``jobs`` (not submitted)."""
+        specs = self._specs(cut)
+        for role, spec in specs:
+            self.jobs.setdefault((cut, spec.attack, role), spec)
+        return specs
 
     def _start_cut(self, cut: str) -> None:
         g = self.g
@@ -479,8 +506,9 @@ class _AttackGrid:
                 same = (hash_d, d.spec) if type(d).apply is Defense.apply and not d.per_cut_model else None
                 if hit is None and same in self._same_utility:
                     hit = self._same_utility[same]
+                d.fit(z_aux)
+                self.defense_info[(cut, d.spec)] = d.info()
                 if hit is None:
-                    d.fit(z_aux)
                     hit = dict(zip(("accuracy", "agreement"), _utility(g, model_d, cut, d)))
                     g.cache.put("utility", ukey, hit)
                 if same is not None:
@@ -489,10 +517,8 @@ class _AttackGrid:
             self._pump(timeout=0)  # keep the workers fed while this thread captures
         self._inputs[cut] = {"x_aux": self.ex.put("x_aux", g.x_aux), "x_eval": self.ex.put("x_eval", g.x_eval),
                              "acts": {k: self.ex.put(("acts", cut, k), v) for k, v in acts.items()}}
-        specs = self._specs(cut)
+        specs = self.plan(cut)
         self._open[cut] = len(specs)
-        for role, spec in specs:
-            self.jobs[(cut, spec.attack, role)] = spec
         for role, spec in specs:
             if spec.kind == "fit":
                 self._submit(spec)
@@ -502,12 +528,13 @@ class _AttackGrid:
 
     def _submit(self, spec: JobSpec, base_state: dict | None = None, candidate: JobOutput | None = None) -> None:
         g = self.g
-        hit = g.cache.get("attacks", self._cache_key(spec))
+        self._keys[spec.id] = key = self._cache_key(spec, candidate is not None)
+        hit = g.cache.get("attacks", key)
         inp = self._inputs[spec.cut]
         acts = {d: inp["acts"][d] for d in {spec.defense, *spec.score}}
         head = None
         if getattr(make_attack(spec.attack, profile=spec.profile), "white_box", False):
-            head = self.ex.put(("model", spec.cut, spec.defense), self._model(spec.defense, spec.cut)[0])
+            head = self.ex.put(("model", spec.cut, spec.defense, spec.attack), self._model(spec.defense, spec.cut)[0])
         inputs = JobInputs(x_aux=inp["x_aux"], x_eval=inp["x_eval"], acts=acts, head=head,
                            base_state=None if base_state is None else self.ex.put(("base", spec.cut, spec.attack), base_state),
                            candidate_state=None if candidate is None else self.ex.put(("clean", spec.cut, spec.attack), candidate.state),
@@ -536,19 +563,21 @@ class _AttackGrid:
 
     def _finish(self, spec: JobSpec, out) -> None:
         self.outputs[spec.id] = out
-        self._tasks.pop(spec.id).close()
+        task = self._tasks.pop(spec.id, None)  # a job failed before it was submitted has none
+        if task is not None:
+            task.close()
         if isinstance(out, JobOutput) and out.state is not None and not out.report.get("cached"):
-            self.g.cache.put("attacks", self._cache_key(spec), {"state": out.state, "report": out.report})
+            self.g.cache.put("attacks", self._keys[spec.id], {"state": out.state, "report": out.report})
         for dep in self._waiting.pop(spec.id, []):
             base = self.outputs.get(self.jobs[(dep.cut, dep.attack, "base")].id)
             if not (isinstance(base, JobOutput) and base.state is not None):
                 self._finish(dep, RuntimeError(f"its base attack failed: {_error(base)}"))
-            elif dep.defense == "none":
-                self._submit(dep, base_state=base.state)
-            elif isinstance(out, JobOutput):
-                self._submit(dep, base_state=base.state, candidate=out)
-            else:
-                self._submit(dep, base_state=base.state)
+                continue
+            try:
+                candidate = out if dep.defense != "none" and isinstance(out, JobOutput) else None
+                self._submit(dep, base_state=base.state, candidate=candidate)
+            except Exception as exc:  # noqa: BLE001 - e.g. the object store is full: that job's failure
+                self._finish(dep, exc)
         self._open[spec.cut] -= 1
         if self._open[spec.cut] == 0:  # the cut's shared inputs are no longer needed
             del self._open[spec.cut], self._inputs[spec.cut]
@@ -578,6 +607,7 @@ def _rows(g: _Grid, grid: _AttackGrid, latency: dict, prepared: dict, out: Path 
 
     rows: list[ResultRow] = []
     for cut in g.cuts:
+        grid.plan(cut.name)  # a cut the audit never reached (interrupted) still lists every row it owes
         for defense in g.defenses:
             spec = defense.spec
             dinfo = _model_for(g, prepared, defense, cut.name)[2]
@@ -588,7 +618,8 @@ def _rows(g: _Grid, grid: _AttackGrid, latency: dict, prepared: dict, out: Path 
                 agreement=_r(util.get("agreement")), latency_ms=round(lat_d1, 4), latency_overhead_ms=round(lat_d1 - base1, 4),
                 latency_ms_b64=round(lat_d64, 4), latency_overhead_ms_b64=round(lat_d64 - base64, 4), epsilon=dinfo.get("epsilon"),
                 delta=dinfo.get("delta"), baseline_ssim=round(g.baseline_ssim, 5), baseline_psnr=round(g.baseline_psnr, 3),
-                bytes_per_sample=defense.wire_bytes(cut.shape), defense_info={**dinfo, **defense.info()},
+                bytes_per_sample=defense.wire_bytes(cut.shape),
+                defense_info={**dinfo, **grid.defense_info.get((cut.name, spec), {})},
             )
             for attack_name in g.config.attacks:
                 variants = []

@@ -82,18 +82,42 @@ def test_a_job_is_pure_same_inputs_same_output():
     assert not torch.equal(a.scores["none"].ssim, other.scores["none"].ssim)
 
 
-def test_parallel_local_rows_equal_one_worker_rows_at_one_thread(npz, monkeypatch):
+def test_parallel_local_rows_equal_one_worker_rows_at_one_thread(npz):
     # With one intra-op thread per job either way, how many jobs run at once changes nothing.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
+        torch.set_num_threads(1)
         serial = run_audit(_config(npz, workers=1))
+        torch.set_num_threads(2)  # two workers of one thread each
+        parallel = run_audit(_config(npz, workers=2))
     finally:
         torch.set_num_threads(threads)
-    parallel = run_audit(_config(npz, workers=2)) if threads == 2 else None
-    if parallel is not None:
-        assert _values(serial) == _values(parallel)
-    assert serial.config["executor"] == "local" and serial.config["threads_per_job"] == 1
+    assert serial.config["threads_per_job"] == parallel.config["threads_per_job"] == 1
+    assert parallel.config["workers"] == 2
+    assert _values(serial) == _values(parallel)
+
+
+def test_a_failed_base_fit_fails_its_rows_and_the_audit_goes_on(npz, monkeypatch):
+    from attacks.decoder import DecoderAttack
+
+    fit, calls = DecoderAttack.fit, []
+
+    def failing(self, z, x, ctx):
+        calls.append(1)
+        if len(calls) == 1:  # the first job with one worker: the base fit at the first cut
+            raise RuntimeError("diverged everywhere")
+        return fit(self, z, x, ctx)
+
+    monkeypatch.setattr(DecoderAttack, "fit", failing)
+    result = run_audit(_config(npz, workers=1))
+    stem = result.rows(cut="stem")
+    assert stem and all(r.status == "failed" and "diverged everywhere" in r.error for r in stem)
+    assert all(r.status != "failed" for r in result.rows(cut="block"))
+
+
+def test_a_cut_named_twice_is_audited_once(npz):
+    result = run_audit(_config(npz, cuts=("stem", "stem"), defenses=("none",)))
+    assert [c.name for c in result.cuts] == ["stem"] and len(result.results) == 1
 
 
 def test_a_failing_local_job_is_a_failed_row_with_its_error(npz, tmp_path):
@@ -200,7 +224,8 @@ def test_the_adaptive_attacker_keeps_the_undefended_one_when_it_rebuilds_defende
     inputs = _job_data()
     fit = dict(cut="c", attack="decoder", kind="fit", profile="quick", seed=0)
     good = run_job(JobSpec(defense="none", **fit), inputs)
-    bad = run_job(JobSpec(defense="none", **{**fit, "profile": "quick"}), JobInputs(**{**inputs.__dict__, "x_aux": torch.rand_like(inputs.x_aux)}))
+    noise = torch.rand(inputs.x_aux.shape, generator=torch.Generator().manual_seed(1))
+    bad = run_job(JobSpec(defense="none", **fit), JobInputs(**{**inputs.__dict__, "x_aux": noise}))
     # Refining the useless decoder for one epoch on defended data cannot beat the good one: it is kept.
     spec = JobSpec(cut="c", attack="decoder", defense="noise:sigma=1,kind=gaussian", kind="refine", profile="quick", seed=0, epochs=1,
                    score=("noise:sigma=1,kind=gaussian",))
@@ -230,3 +255,18 @@ def test_an_interrupt_during_a_ray_run_cancels_its_tasks_and_keeps_finished_rows
     assert result.config["interrupted"] is True and result.config["executor"] == "ray"
     assert any(r.error == NOT_RUN for r in result.results)
     assert json.loads((out / "results.json").read_text())["config"]["interrupted"] is True
+
+
+def test_white_box_jobs_in_parallel_do_not_disturb_the_driver_or_each_other(npz):
+    # rmle runs the head in the jobs while the driver captures the next cut: each needs its own model.
+    kw = dict(attacks=("rmle",), cuts=("stem", "block.conv", "block"), defenses=("none",))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = run_audit(_config(npz, workers=1, **kw))
+        torch.set_num_threads(2)
+        parallel = run_audit(_config(npz, workers=2, **kw))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(r.status != "failed" for r in parallel.results)
+    assert _values(serial) == _values(parallel)
