@@ -106,6 +106,9 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return ((dx * dx + dy * dy + _TV_EPS**2).sqrt() - _TV_EPS).flatten(1).mean(dim=1)
 
 
+TICK_EVERY = 10  # optimization steps between progress callbacks
+
+
 @register_attack("rmle")
 class RMLEAttack:
     white_box = True
@@ -126,6 +129,9 @@ class RMLEAttack:
         self.scale: float | None = None
         self.prior: torch.Tensor | None = None
         self.seed: int | None = None
+        # Called every few steps with (step, steps, objective): progress bars, and the runner's way to
+        # stop a running job on Ctrl-C (the callback raises).
+        self._tick: Callable[[int, int, float], None] | None = None
 
     # -- fit: the scale of the data term and lambda, on aux data --
     def fit(self, z_aux: torch.Tensor, x_aux: torch.Tensor, ctx: AttackContext) -> FitReport:
@@ -133,6 +139,7 @@ class RMLEAttack:
             raise RuntimeError("rmle is a white-box attack and needs the head; the runner sets ctx.head for white_box attacks")
         start = time.perf_counter()
         self.head = ctx.head
+        self._tick = ctx.on_epoch
         gen = ctx.generator
         scale = float(z_aux.square().mean(dtype=torch.float64))
         self.scale = scale if math.isfinite(scale) and scale > 0 else 1.0  # all-zero activations: nothing to scale
@@ -246,6 +253,8 @@ class RMLEAttack:
                     best_x[better] = x[better]
                     best_obj = torch.where(better, obj.detach(), best_obj)
                     trace.append(float(best_obj.mean()))
+                if self._tick is not None and step % TICK_EVERY == 0:
+                    self._tick(step, steps, trace[-1])
                 if step == steps:
                     break
                 (grad,) = torch.autograd.grad(obj.sum(), x)  # gradients reach x only, never the weights

@@ -270,3 +270,20 @@ def test_white_box_jobs_in_parallel_do_not_disturb_the_driver_or_each_other(npz)
         torch.set_num_threads(threads)
     assert all(r.status != "failed" for r in parallel.results)
     assert _values(serial) == _values(parallel)
+
+
+def test_a_running_white_box_job_stops_on_cancel():
+    from audit.cuts import capture
+    from audit.executors import JobCancelled, LocalExecutor
+    from tests.tiny import build
+
+    model = build().eval()
+    x = torch.rand(64, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    z = capture(model, "stem", x)
+    inputs = JobInputs(x_aux=x[:48], x_eval=x[48:], acts={"none": Activations(aux=z[:48], eval=z[48:])}, head=model)
+    spec = JobSpec(cut="stem", attack="rmle", defense="none", kind="fit", profile="thorough", seed=0, score=("none",))
+    with LocalExecutor(1) as ex:
+        ex.cancel()  # Ctrl-C before the job's first progress callback: it must stop there, not run its budget
+        handle = ex.submit(spec, inputs)
+        with pytest.raises(JobCancelled):
+            ex.outcome(handle)
