@@ -195,7 +195,7 @@ def cuts(
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
-        out_console.print(cuts_table(rows, title=f"candidate cuts of {model}"))
+        out_console.print(cuts_table(rows, title=f"candidate cuts of {model}", compact=out_console.width < 140))
 
 
 @app.command()

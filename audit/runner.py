@@ -757,19 +757,21 @@ def _safe(name: str) -> str:
 def _flag_inversions(rows: list[ResultRow]) -> None:
     """A deeper cut cannot carry more information than a shallower one (data processing inequality).
 
-    If a cut leaks clearly less than a deeper cut under the same deterministic defense, the attack at
-    the shallower cut under-performed; flag it rather than let it read as privacy.
+    If a cut leaks clearly less than a deeper cut of the same model with nothing applied to the
+    activation (no defense, or one that only changes the model for every cut alike, like DP-SGD), the
+    attack at the shallower cut under-performed; flag it rather than let it read as privacy. Noise,
+    dropout or quantization applied at different cuts, and NoPeek's per-cut models, are not ordered.
     """
+    from defenses.base import DEFENSES
+
     order: dict[str, int] = {}
     for r in rows:
         order.setdefault(r.cut, len(order))
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(rows):
-        from defenses.base import DEFENSES
-
         cls = DEFENSES.get(r.defense.split(":")[0])
-        if cls is not None and cls.stochastic:
-            continue  # noise drawn at different cuts is not comparable
+        if cls is None or cls.stochastic or cls.per_cut_model or cls.apply is not Defense.apply:
+            continue
         groups.setdefault((r.defense, r.attack, r.adaptive), []).append(i)
     for idx in groups.values():
         for i in idx:

@@ -91,6 +91,15 @@ def test_a_cut_that_leaks_less_than_a_deeper_one_is_flagged():
     _flag_inversions(rows)
     _flag_inversions(noisy)
     assert not any(r.flags for r in rows + noisy)
+    # Quantization at different cuts, and NoPeek's per-cut models, are not ordered either; DP-SGD's
+    # one fine-tuned model is.
+    for spec in ("quant:bits=4", "nopeek:weight=1"):
+        other = [_row("a", 0.2, (0.19, 0.21), spec), _row("b", 0.7, (0.69, 0.71), spec)]
+        _flag_inversions(other)
+        assert not any(r.flags for r in other), spec
+    dp = [_row("a", 0.2, (0.19, 0.21), "dpsgd:epsilon=8"), _row("b", 0.7, (0.69, 0.71), "dpsgd:epsilon=8")]
+    _flag_inversions(dp)
+    assert dp[0].flags
 
 
 def test_attacker_knowledge_options_are_recorded_and_weaken_the_attack(tmp_path):

@@ -27,19 +27,23 @@ def _kb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1024:.2f}"
 
 
-def cuts_table(rows: list[dict], *, title: str = "candidate cuts") -> Table:
+def cuts_table(rows: list[dict], *, title: str = "candidate cuts", compact: bool = False) -> Table:
+    """The candidate cuts. ``compact`` (a narrow terminal) leaves out the module type and the fp16/int8
+    sizes, which ``--json`` still has."""
     t = Table(title=title)
     cols = ("#", "cut", "module", "shape", "KB/sample f32", "fp16", "int8", "head MFLOPs", "head ms (b=1)", "tail MFLOPs", "tail ms (b=1)")
-    for col in cols:
-        t.add_column(col, justify="right" if col not in ("cut", "module", "shape") else "left")
+    keep = [c for c in cols if not (compact and c in ("module", "fp16", "int8"))]
+    for col in keep:
+        t.add_column(col, justify="right" if col not in ("cut", "module", "shape") else "left", overflow="fold")
     for r in rows:
-        t.add_row(
+        cells = dict(zip(cols, (
             str(r["index"]), r["name"] + (f" (= {', '.join(r['aliases'])})" if r.get("aliases") else ""), r["module_type"],
             "×".join(map(str, r["shape"])), _kb(r["bytes_per_sample"]), _kb(r["bytes_fp16"]), _kb(r["bytes_int8"]),
             f"{r['head_flops'] / 1e6:.3f}", f"{r['head_latency_ms']:.3f}",
             "-" if r.get("tail_flops") is None else f"{r['tail_flops'] / 1e6:.3f}",
             "-" if r.get("tail_latency_ms") is None else f"{r['tail_latency_ms']:.3f}",
-        )
+        )))
+        t.add_row(*(cells[c] for c in keep))
     return t
 
 
