@@ -157,19 +157,24 @@ def _score(attack, z_eval: torch.Tensor, x_eval: torch.Tensor) -> Scores:
 
 
 def _select(attack, candidate_state: dict, spec: JobSpec, z_aux: torch.Tensor, x_aux: torch.Tensor, report: dict, candidate_converged: bool):
-    """The better (by SSIM) of ``attack`` and the candidate on the defended held-out aux samples ``attack`` kept aside."""
+    """The better (by SSIM; by MSE for images under 11x11) of ``attack`` and the candidate on the defended
+    held-out aux samples ``attack`` kept aside."""
     other = make_attack(spec.attack, profile=spec.profile)
     other.load_state(candidate_state, tuple(z_aux.shape[1:]), tuple(x_aux.shape[1:]), device=z_aux.device)
     idx = attack.holdout
 
+    by_ssim = min(x_aux.shape[-2:]) >= 11  # the SSIM window needs 11x11; smaller images compare by MSE
+
     def score(a) -> float:  # the audit's own metric, on data the attacker has
-        return float(ssim(a.reconstruct(z_aux[idx]).clamp(0, 1), x_aux[idx]).mean())
+        rec = a.reconstruct(z_aux[idx]).clamp(0, 1)
+        return float(ssim(rec, x_aux[idx]).mean()) if by_ssim else -float((rec - x_aux[idx]).square().mean())
 
     mine, theirs = score(attack), score(other)
-    report["selection"] = {"refined_holdout_ssim": round(mine, 5), "undefended_holdout_ssim": round(theirs, 5)}
+    metric = "ssim" if by_ssim else "neg_mse"
+    report["selection"] = {f"refined_holdout_{metric}": round(mine, 5), f"undefended_holdout_{metric}": round(theirs, 5)}
     if not mine >= theirs:  # a NaN refinement loses too
         report["notes"] = list(report["notes"]) + [
-            f"kept the undefended attacker: on defended held-out aux data its SSIM {theirs:.3f} beats the refinement's {mine:.3f}"
+            f"kept the undefended attacker: on defended held-out aux data its {metric} {theirs:.4g} beats the refinement's {mine:.4g}"
         ]
         report["converged"] = candidate_converged
         return other

@@ -252,6 +252,12 @@ class _Grid:
             make_attack(a, profile=cfg.profile)
         with self.phase("data"):
             self.dataset = load_data(cfg.data)
+            h, w = self.dataset.shape[-2:]
+            if min(h, w) < 11:
+                raise DataError(
+                    f"{cfg.data!r} has {h}x{w} images; leakage is scored by SSIM with an 11x11 window (as in scikit-image), "
+                    "so images must be at least 11x11"
+                )
             self.splits = make_splits(self.dataset, seed=cfg.seed, n_eval=self.profile["n_eval"], max_aux=self.profile["max_aux"])
             self.data_hash = data_hash(self.dataset)
         with self.phase("model"):

@@ -98,6 +98,9 @@ def test_bad_inputs_exit_2_with_one_error_line(capsys, tmp_path, npz):
     rgb = tmp_path / "rgb.npz"
     np.savez(rgb, x=np.zeros((30, 3, 16, 16), np.uint8))
     cases.append((["audit", "--model", TINY, "--data", str(rgb)], ["rejected input of shape"]))
+    small = tmp_path / "small.npz"
+    np.savez(small, x=np.zeros((30, 8, 8), np.uint8))
+    cases.append((["audit", "--model", TINY, "--data", str(small)], ["8x8 images", "at least 11x11"]))
     for kind, needle in (("empty", "empty"), ("corrupt", "corrupt"), ("range", "[0, 1]")):
         cases.append((["audit", "--model", TINY, "--data", _bad_npz(tmp_path, kind)], [needle]))
     img_dir = tmp_path / "imgs" / "a"

@@ -287,3 +287,15 @@ def test_a_running_white_box_job_stops_on_cancel():
         handle = ex.submit(spec, inputs)
         with pytest.raises(JobCancelled):
             ex.outcome(handle)
+
+
+def test_the_adaptive_selection_works_on_images_too_small_for_ssim():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(100, 1, 8, 8, generator=g)
+    z = torch.nn.functional.avg_pool2d(x, 2).repeat(1, 3, 1, 1)
+    acts = {"none": Activations(aux=z[:80], eval=z[80:]), "noise:sigma=1,kind=gaussian": Activations(aux=z[:80], eval=z[80:])}
+    inputs = JobInputs(x_aux=x[:80], x_eval=x[80:], acts=acts)
+    base = run_job(JobSpec(cut="c", attack="decoder", defense="none", kind="fit", profile="quick", seed=0), inputs)
+    spec = JobSpec(cut="c", attack="decoder", defense="noise:sigma=1,kind=gaussian", kind="refine", profile="quick", seed=0, epochs=1)
+    out = run_job(spec, JobInputs(**{**inputs.__dict__, "base_state": base.state, "candidate_state": base.state}))
+    assert set(out.report["selection"]) == {"refined_holdout_neg_mse", "undefended_holdout_neg_mse"}
