@@ -83,6 +83,27 @@ def _with_plan(result, profile):
     return replace(result, plan=make_plan(result, profile).to_dict())
 
 
+# Options `demo` and `audit` share.
+ProfileOpt = Annotated[Profile, typer.Option(help="attack budget")]
+DeviceOpt = Annotated[Device, typer.Option(help="where tensors live")]
+SeedOpt = Annotated[int, typer.Option()]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="recompute everything")]
+CacheDirOpt = Annotated[Optional[Path], typer.Option(help="cache location (default ~/.cache/splitaudit)")]
+ExecutorOpt = Annotated[ExecutorName, typer.Option(help="where attack jobs run: threads here, or a Ray cluster")]
+WorkersOpt = Annotated[int, typer.Option(help="parallel attack jobs (local), or CPUs of a Ray runtime started here; 0: auto")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(help="an existing Ray cluster (ray://host:10001 or auto); default: start one here")]
+PlanProfileOpt = Annotated[Optional[str], typer.Option(help=PLAN_PROFILE_HELP)]
+
+
+def _run_options(profile, device, seed, out, no_cache, cache_dir, executor, workers, ray_address) -> dict:
+    """The AuditConfig fields that `demo` and `audit` fill from the same options."""
+    return dict(
+        profile=profile.value, device=device.value, seed=seed, out=str(out), use_cache=not no_cache,
+        cache_dir=str(cache_dir) if cache_dir else None, command=_command_line(), executor=executor.value, workers=workers,
+        ray_address=ray_address,
+    )
+
+
 def _run_and_render(config, plan_profile: str | None = None) -> None:
     from audit.progress import RichReporter
     from audit.report.console import print_audit
@@ -114,24 +135,23 @@ def _run_and_render(config, plan_profile: str | None = None) -> None:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("splitaudit-demo"),
-    profile: Annotated[Profile, typer.Option(help="attack budget")] = Profile.standard,
-    device: Annotated[Device, typer.Option(help="where tensors live")] = Device.auto,
-    seed: Annotated[int, typer.Option()] = 0,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="recompute everything")] = False,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="cache location (default ~/.cache/splitaudit)")] = None,
-    executor: Annotated[ExecutorName, typer.Option(help="where attack jobs run: threads here, or a Ray cluster")] = ExecutorName.local,
-    workers: Annotated[int, typer.Option(help="parallel attack jobs (local), or CPUs of a Ray runtime started here; 0: auto")] = 0,
-    ray_address: Annotated[Optional[str], typer.Option(help="an existing Ray cluster (ray://host:10001 or auto); default: start one here")] = None,
-    plan_profile: Annotated[Optional[str], typer.Option(help=PLAN_PROFILE_HELP)] = None,
+    profile: ProfileOpt = Profile.standard,
+    device: DeviceOpt = Device.auto,
+    seed: SeedOpt = 0,
+    no_cache: NoCacheOpt = False,
+    cache_dir: CacheDirOpt = None,
+    executor: ExecutorOpt = ExecutorName.local,
+    workers: WorkersOpt = 0,
+    ray_address: RayAddressOpt = None,
+    plan_profile: PlanProfileOpt = None,
 ) -> None:
     """Audit builtin:lenet on builtin:mnist at every cut with the default defenses."""
     from audit.runner import AuditConfig
 
     _run_and_render(
         AuditConfig(
-            model="builtin:lenet", data="builtin:mnist", defenses=DEMO_DEFENSES, profile=profile.value, device=device.value,
-            seed=seed, out=str(out), use_cache=not no_cache, cache_dir=str(cache_dir) if cache_dir else None, command=_command_line(),
-            executor=executor.value, workers=workers, ray_address=ray_address,
+            model="builtin:lenet", data="builtin:mnist", defenses=DEMO_DEFENSES,
+            **_run_options(profile, device, seed, out, no_cache, cache_dir, executor, workers, ray_address),
         ),
         plan_profile,
     )
@@ -145,19 +165,19 @@ def audit(
     cut: Annotated[Optional[list[str]], typer.Option("--cut", help="module name; repeat; default every candidate")] = None,
     defense: Annotated[Optional[list[str]], typer.Option("--defense", help="NAME[:key=value,...]; repeat; default none")] = None,
     attack: Annotated[Optional[list[str]], typer.Option("--attack", help="attack name; repeat; default decoder")] = None,
-    profile: Annotated[Profile, typer.Option(help="attack budget")] = Profile.standard,
-    device: Annotated[Device, typer.Option(help="where tensors live")] = Device.auto,
-    seed: Annotated[int, typer.Option()] = 0,
+    profile: ProfileOpt = Profile.standard,
+    device: DeviceOpt = Device.auto,
+    seed: SeedOpt = 0,
     threshold: Annotated[float, typer.Option(help="SSIM at or below which inputs count as not recognizable")] = 0.3,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("splitaudit-out"),
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="recompute everything")] = False,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="cache location (default ~/.cache/splitaudit)")] = None,
+    no_cache: NoCacheOpt = False,
+    cache_dir: CacheDirOpt = None,
     aux_data: Annotated[Optional[str], typer.Option(help="the attacker's own data (another distribution), a data spec")] = None,
     aux_queries: Annotated[AuxQueries, typer.Option(help="query the head with aux images, or with random noise only")] = AuxQueries.data,
-    executor: Annotated[ExecutorName, typer.Option(help="where attack jobs run: threads here, or a Ray cluster")] = ExecutorName.local,
-    workers: Annotated[int, typer.Option(help="parallel attack jobs (local), or CPUs of a Ray runtime started here; 0: auto")] = 0,
-    ray_address: Annotated[Optional[str], typer.Option(help="an existing Ray cluster (ray://host:10001 or auto); default: start one here")] = None,
-    plan_profile: Annotated[Optional[str], typer.Option(help=PLAN_PROFILE_HELP)] = None,
+    executor: ExecutorOpt = ExecutorName.local,
+    workers: WorkersOpt = 0,
+    ray_address: RayAddressOpt = None,
+    plan_profile: PlanProfileOpt = None,
 ) -> None:
     """Audit a model at every (or the given) cut: leakage, costs, defenses."""
     from audit.runner import AuditConfig
@@ -165,9 +185,8 @@ def audit(
     _run_and_render(
         AuditConfig(
             model=model, data=data, weights=str(weights) if weights else None, cuts=tuple(cut or ()), defenses=tuple(defense or ("none",)),
-            attacks=tuple(attack or ("decoder",)), profile=profile.value, device=device.value, seed=seed, out=str(out),
-            threshold=threshold, use_cache=not no_cache, cache_dir=str(cache_dir) if cache_dir else None, command=_command_line(),
-            aux_data=aux_data, aux_queries=aux_queries.value, executor=executor.value, workers=workers, ray_address=ray_address,
+            attacks=tuple(attack or ("decoder",)), threshold=threshold, aux_data=aux_data, aux_queries=aux_queries.value,
+            **_run_options(profile, device, seed, out, no_cache, cache_dir, executor, workers, ray_address),
         ),
         plan_profile,
     )

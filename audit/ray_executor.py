@@ -73,14 +73,19 @@ def _task(spec: JobSpec, inputs: JobInputs, events, threads: int) -> JobOutput:
     )
 
 
+def require_ray() -> None:
+    """A one-line UserError (exit 2) when the optional extra is not installed."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UserError("--executor ray needs Ray; install it with: pip install 'splitaudit[ray]'") from None
+
+
 class RayExecutor:
     name = "ray"
 
     def __init__(self, address: str | None = None, workers: int = 0, gpus_per_job: float = 0.0):
-        try:
-            import ray  # noqa: F401
-        except ImportError as exc:
-            raise UserError("--executor ray needs Ray; install it with: pip install 'splitaudit[ray]'") from exc
+        require_ray()
         self.address = address
         self.workers = workers
         self.gpus_per_job = gpus_per_job

@@ -25,7 +25,7 @@ from torch import nn
 
 import attacks  # noqa: F401  (registers attacks)
 import defenses  # noqa: F401  (registers defenses)
-from attacks.base import make_attack
+from attacks.base import ATTACKS, make_attack
 from attacks.training import TrainConfig, train
 from audit import __version__
 from audit.cache import Cache, key_of
@@ -84,20 +84,13 @@ class AuditConfig:
         if self.workers < 0:
             raise SpecError(f"--workers must be 0 (auto) or positive, got {self.workers}")
         if not self.attacks:
-            raise SpecError("no attack given; known attacks: " + ", ".join(sorted(_attack_names())))
+            raise SpecError("no attack given; known attacks: " + ", ".join(sorted(ATTACKS)))
         if self.executor == "ray":
-            try:
-                import ray  # noqa: F401
-            except ImportError:
-                raise UserError("--executor ray needs Ray; install it with: pip install 'splitaudit[ray]'") from None
+            from audit.ray_executor import require_ray
+
+            require_ray()
         if not 0 < self.threshold <= 1:
             raise SpecError(f"threshold {self.threshold} is out of range; allowed: (0, 1]")
-
-
-def _attack_names() -> list[str]:
-    from attacks.base import ATTACKS
-
-    return list(ATTACKS)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -450,8 +443,8 @@ class _AttackGrid:
         epochs = g.profile["adaptive_epochs"] or None
         out = []
         for name in cfg.attacks:
-            probe = make_attack(name, profile=cfg.profile)
-            warm = hasattr(probe, "warm_start_from") and hasattr(probe, "state")
+            cls = ATTACKS[name]
+            warm = hasattr(cls, "warm_start_from") and hasattr(cls, "state")
             common = dict(cut=cut, attack=name, profile=cfg.profile, seed=cfg.seed, device=str(g.device))
             if warm:
                 out.append(("base", JobSpec(defense="none", kind="fit", label=f"{cut}: {name} on clean activations", **common)))
@@ -460,7 +453,7 @@ class _AttackGrid:
             else:
                 out.append(("clean", JobSpec(defense="none", kind="fit", score=tuple(specs), label=f"{cut}: {name} on clean activations", **common)))
             for d in g.defenses:
-                if d.spec == "none" or not (getattr(probe, "needs_fit", True) or d.changes_model):
+                if d.spec == "none" or not (getattr(cls, "needs_fit", True) or d.changes_model):
                     continue  # an attack that learns nothing from aux data cannot adapt to an activation defense
                 out.append((d.spec, JobSpec(defense=d.spec, kind="refine" if warm else "fit", epochs=epochs if warm else None,
                                             score=(d.spec,), label=f"{cut}: {name} adapted to {d.spec}", **common)))
@@ -539,7 +532,7 @@ class _AttackGrid:
         inp = self._inputs[spec.cut]
         acts = {d: inp["acts"][d] for d in {spec.defense, *spec.score}}
         head = None
-        if getattr(make_attack(spec.attack, profile=spec.profile), "white_box", False):
+        if getattr(ATTACKS[spec.attack], "white_box", False):
             head = self.ex.put(("model", spec.cut, spec.defense, spec.attack), self._model(spec.defense, spec.cut)[0])
         inputs = JobInputs(x_aux=inp["x_aux"], x_eval=inp["x_eval"], acts=acts, head=head,
                            base_state=None if base_state is None else self.ex.put(("base", spec.cut, spec.attack), base_state),
