@@ -156,7 +156,7 @@ class RayExecutor:
             del self._refs[key]
 
     def submit(self, spec: JobSpec, inputs: JobInputs):
-        ref = self._remote.remote(spec, inputs, self._events, 1)
+        ref = self._remote.remote(spec, inputs, self._events, self.threads_per_job)
         self._outstanding.add(ref)
         return ref
 
