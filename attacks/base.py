@@ -7,9 +7,8 @@ Adding an attack touches its own module, one import line in ``attacks/__init__.p
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -76,14 +75,27 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-# Module initialization draws from torch's global generator. Seeding it gives the same weights only
-# when no other thread does the same at the same moment (jobs run in threads), hence the lock.
-_INIT_LOCK = threading.Lock()
+def build_module(factory: Callable[[], nn.Module], generator: torch.Generator, device: torch.device | str = "cpu") -> nn.Module:
+    """``factory()`` with PyTorch's default initialization drawn from ``generator``, never from the
+    global generator: attack jobs run in threads beside other work (a defense's fine-tuning with
+    dropout, say), so a draw from the shared generator would make both depend on timing.
 
-
-@contextmanager
-def seeded_init(seed: int) -> Iterator[None]:
-    """Build modules under ``seed`` without touching the global generator's state outside the block."""
-    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that would reseed CUDA's too
-        yield
+    The module is built on the meta device (no draws), materialized on the CPU and initialized here:
+    convolutions and linear layers as ``reset_parameters`` does (weight and bias uniform in
+    +-1/sqrt(fan_in)), batch norms to ones and zeros. Other layers with parameters are refused.
+    """
+    with torch.device("meta"):
+        module = factory()
+    module = module.to_empty(device="cpu")
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+                bound = 1 / math.sqrt(max(1, m.weight[0].numel()))  # weight[0]: fan_in, as torch computes it
+                m.weight.uniform_(-bound, bound, generator=generator)
+                if m.bias is not None:
+                    m.bias.uniform_(-bound, bound, generator=generator)
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_parameters()
+            elif any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
+                raise TypeError(f"build_module cannot initialize {type(m).__name__}")
+    return module.to(device)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import AttackContext, FitReport, register_attack, seeded_init
+from attacks.base import AttackContext, FitReport, build_module, register_attack
 from attacks.training import TrainConfig, evaluate, train
 from audit.specs import build_config, param
 
@@ -120,7 +120,9 @@ class InverseNet(nn.Module):
         )
 
     def forward(self, z):
-        y = self.up(self.stem(self.unshuffle(z)))
+        # Channels-last from the stem on (a dense stem's reshape gives the default layout): every layer
+        # after it then runs in one layout, without conversions (a quarter of a vector decoder's time).
+        y = self.up(self.stem(self.unshuffle(z)).contiguous(memory_format=torch.channels_last))
         if tuple(y.shape[-2:]) != self.work_hw:  # an activation coarser or finer than the ladder
             y = F.interpolate(y, size=self.work_hw, mode="bilinear", align_corners=False)
         y = self.head(y)
@@ -139,6 +141,14 @@ def _standardizer(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     floor = 1e-6 * mean.abs() + 1e-12
     std = torch.where(std > floor, std, torch.ones_like(std))
     return mean[:1] if z.dim() == 4 else mean, std[:1] if z.dim() == 4 else std
+
+
+def _nhwc(t):
+    """Channels-last layout for the decoder and its 4-D inputs: its small convolutions (and their
+    gradients) run 15-40% faster on a CPU that way (measured on LeNet's cuts, one thread)."""
+    if isinstance(t, nn.Module):
+        return t.to(memory_format=torch.channels_last)
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
 
 def _mse(model, batch):
@@ -181,7 +191,7 @@ class DecoderAttack:
         val_idx, tr_idx = perm[:n_val], perm[n_val:]
         self.holdout = val_idx  # the aux samples it was selected on; another attack can be compared on them
         self.mean, self.std = _standardizer(z_aux[tr_idx])
-        zt, zv = self._normalize(z_aux[tr_idx]), self._normalize(z_aux[val_idx])
+        zt, zv = _nhwc(self._normalize(z_aux[tr_idx])), _nhwc(self._normalize(z_aux[val_idx]))
         xt, xv = x_aux[tr_idx], x_aux[val_idx]
         prior = xt.mean(dim=0, keepdim=True)
         baseline = float(F.mse_loss(prior.expand_as(xv), xv))
@@ -195,8 +205,10 @@ class DecoderAttack:
         converged = False
         for attempt in range(self.restarts + 1):
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-            with seeded_init(seed):
-                net = InverseNet(tuple(z_aux.shape[1:]), tuple(x_aux.shape[1:]), self.width, full_res=self.full_res).to(z_aux.device)
+            net = _nhwc(build_module(
+                lambda: InverseNet(tuple(z_aux.shape[1:]), tuple(x_aux.shape[1:]), self.width, full_res=self.full_res),
+                torch.Generator().manual_seed(seed), device=z_aux.device,
+            ))
             if init is not None and attempt == 0 and init.net is not None:
                 try:
                     net.load_state_dict(init.net.state_dict())
@@ -267,7 +279,7 @@ class DecoderAttack:
         if self.net is None:
             raise RuntimeError("fit() must be called before reconstruct()")
         self.net.eval()
-        outs = [self.net(self._normalize(z[i : i + batch_size])) for i in range(0, z.shape[0], batch_size)]
+        outs = [self.net(_nhwc(self._normalize(z[i : i + batch_size]))) for i in range(0, z.shape[0], batch_size)]
         return torch.cat(outs)
 
     def state(self) -> dict:
@@ -276,8 +288,10 @@ class DecoderAttack:
 
     def load_state(self, state: dict, act_shape, input_shape, device: torch.device | str = "cpu") -> None:
         self.width = state["width"]
-        with seeded_init(0):  # the weights are overwritten; the lock keeps other threads' seeding intact
-            self.net = InverseNet(tuple(act_shape), tuple(input_shape), self.width, full_res=state.get("full_res", False))
+        self.net = _nhwc(build_module(  # the weights are overwritten
+            lambda: InverseNet(tuple(act_shape), tuple(input_shape), self.width, full_res=state.get("full_res", False)),
+            torch.Generator().manual_seed(0),
+        ))
         self.net.load_state_dict(state["net"])
         self.net.to(device).eval()
         self.mean, self.std = state["mean"].to(device), state["std"].to(device)

@@ -7,14 +7,18 @@ Every (cut, defense, attack) job draws its randomness from a generator seeded by
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import copy
 import datetime as _dt
-import importlib.metadata
-from contextlib import contextmanager
 import hashlib
+import importlib.metadata
 import math
 import os
 import platform
+import threading
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,7 @@ from attacks.base import ATTACKS, make_attack
 from attacks.training import TrainConfig, train
 from audit import __version__
 from audit.cache import Cache, key_of
-from audit.costs import bytes_per_sample, defense_latency_ms, head_flops, head_latency_ms
+from audit.costs import bytes_per_sample, defense_latency_ms, head_flops, head_latency_ms, training_threads
 from audit.cuts import Discovery, capture, discover_cuts, predict, run_model
 from audit.data import Splits, data_hash, load_data, make_splits
 from audit.errors import DataError, ModelError, SpecError, UserError
@@ -120,16 +124,19 @@ def train_builtin(name: str, splits: Splits, *, seed: int, device: torch.device,
         model = b.build(victim.shape[0], num_classes).to(device)
     check_model_accepts(model, victim.x[:2].to(device))
     gen = job_generator(seed, "victim", name)
-    with reporter.task(f"training builtin:{name} on {victim.n} victim images", total=b.epochs) as task:
+    x = victim.x.to(device)
+    with reporter.task(f"training builtin:{name} on {victim.n} victim images", total=b.epochs) as task, training_threads(model, x):
+        # Channels-last trains these small convolutions about a third faster; the model is handed back
+        # in the default layout, the one a user's model has, so latency is timed as deployed.
         train(
-            model,
+            model.to(memory_format=torch.channels_last),
             _classify_loss,
-            (victim.x.to(device), victim.y.to(device)),
+            (x.contiguous(memory_format=torch.channels_last), victim.y.to(device)),
             config=TrainConfig(epochs=b.epochs, lr=b.lr, batch_size=b.batch_size, patience=None),
             generator=gen,
             on_epoch=lambda ep, tr, va: task.update(ep),
         )
-    return model.eval()
+    return model.to(memory_format=torch.contiguous_format).eval()
 
 
 def check_model_accepts(model: nn.Module, x: torch.Tensor) -> None:
@@ -342,17 +349,27 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
     g = _Grid(config, reporter)
     g.setup()
     executor = make_executor(config.executor, workers=config.workers, device=g.device, ray_address=config.ray_address)
-    cut_infos, latency, prepared = _costs(g)
+    cut_infos, latency = _costs(g)
+    prepared = _Prepared(g)
     interrupted = False
     with executor:
+        # The models the defenses change are fine-tuned on a thread of their own while the workers
+        # start on the undefended attacks, which need only the victim.
+        prepared.start()
         grid = _AttackGrid(g, executor, prepared)
+        # A cut's rows (summaries, image grids) are built as soon as its last job ends, while the
+        # workers train the next cuts' attacks, not all at the end.
+        rows = _Rows(g, grid, latency, prepared, Path(config.out) if config.out else None)
+        grid.on_cut_done = rows.build
         try:
             grid.run()
         except KeyboardInterrupt:
             executor.cancel()
+            prepared.cancel()
             interrupted = True
     g.executor_info = {"executor": executor.name, "workers": executor.workers, "threads_per_job": grid.threads_per_job}
-    rows = _rows(g, grid, latency, prepared, Path(config.out) if config.out else None)
+    _changed_model_latency(g, prepared, latency)  # quiet again: the jobs have ended
+    rows = rows.all()
     result = _result(g, config, cut_infos, rows, t_start, interrupted)
     if interrupted:
         raise AuditInterrupted(result)
@@ -371,21 +388,65 @@ class AuditInterrupted(KeyboardInterrupt):
         self.result = result
 
 
-def _model_for(g: _Grid, prepared: dict, defense: Defense, cut: str) -> tuple[nn.Module, str, dict]:
-    if not defense.changes_model:
-        return g.model, g.model_hash, {}
-    return prepared[(defense.spec, cut if defense.per_cut_model else None)]
+class _Prepared:
+    """The models the defenses change (DP-SGD, NoPeek), fine-tuned one after another on a thread of
+    their own; ``get`` waits for one. A failure is raised where the model is needed."""
+
+    def __init__(self, g: _Grid):
+        self.g = g
+        self._futures: dict[tuple[str, str | None], cf.Future] = {}
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        keys = [(d, c.name if d.per_cut_model else None) for d in self.g.defenses if d.changes_model
+                for c in (self.g.cuts if d.per_cut_model else self.g.cuts[:1])]
+        if not keys:
+            return
+        # Copied here, while no hook is on it: the driver stops forward passes at cuts with hooks.
+        victim = copy.deepcopy(self.g.model)
+        pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitaudit-prepare")
+        for d, cut in keys:
+            self._futures[(d.spec, cut)] = pool.submit(self._prepare, d, cut, victim)
+        pool.shutdown(wait=False)
+
+    def _prepare(self, defense: Defense, cut: str | None, victim: nn.Module):
+        if self._stop.is_set():
+            raise KeyboardInterrupt
+        with self.g.phase("defense fine-tuning"):
+            return _prepare_model(self.g, defense, cut, victim, self._stop)
+
+    @staticmethod
+    def _key(defense: Defense, cut: str) -> tuple[str, str | None]:
+        return (defense.spec, cut if defense.per_cut_model else None)
+
+    def get(self, defense: Defense, cut: str) -> tuple[nn.Module, str, dict]:
+        """The changed model, its hash and what the change did (waits for the fine-tuning)."""
+        if not defense.changes_model:
+            return self.g.model, self.g.model_hash, {}
+        fut = self._futures[self._key(defense, cut)]
+        if not fut.done():
+            with self.g.phase("waiting for fine-tuning"):
+                fut.result()
+        return fut.result()
+
+    def ready(self, defense: Defense, cut: str) -> bool:
+        """Whether the model is there (a change that failed or never ran is not)."""
+        if not defense.changes_model:
+            return True
+        fut = self._futures.get(self._key(defense, cut))
+        return fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
+
+    def info(self, defense: Defense, cut: str) -> dict:
+        return self.get(defense, cut)[2] if self.ready(defense, cut) else {}
+
+    def cancel(self) -> None:
+        self._stop.set()
+        for fut in self._futures.values():
+            fut.cancel()
 
 
-def _costs(g: _Grid) -> tuple[list[CutInfo], dict, dict]:
-    """Fine-tune what the defenses change, then time every head and defense on a quiet machine."""
-    prepared: dict[tuple[str, str | None], tuple[nn.Module, str, dict]] = {}
-    for defense in g.defenses:
-        if defense.changes_model:
-            for cut in g.cuts if defense.per_cut_model else [None]:
-                name = cut.name if cut is not None else None
-                with g.phase("defense fine-tuning"):
-                    prepared[(defense.spec, name)] = _prepare_model(g, defense, name)
+def _costs(g: _Grid) -> tuple[list[CutInfo], dict]:
+    """Time every head, and every defense that leaves the model as it is, on a quiet machine."""
     reps = g.profile["latency_repeats"]
     sample1, sample64 = g.x_eval[:1], g.x_eval[:64]
     cut_infos: list[CutInfo] = []
@@ -397,10 +458,9 @@ def _costs(g: _Grid) -> tuple[list[CutInfo], dict, dict]:
             for defense in g.defenses:
                 if defense.spec == "none":
                     latency[(cut.name, "none")] = (lat1, lat1, lat64, lat64)
-                else:
-                    model_d = _model_for(g, prepared, defense, cut.name)[0]
-                    defense.fit(capture(model_d, cut.name, g.x_aux[:256]))  # refitted on all aux data for the attacks
-                    latency[(cut.name, defense.spec)] = _defended_latency(g, model_d, cut.name, defense, sample1, sample64)
+                elif not defense.changes_model:
+                    defense.fit(capture(g.model, cut.name, g.x_aux[:256]))  # refitted on all aux data for the attacks
+                    latency[(cut.name, defense.spec)] = _defended_latency(g, g.model, cut.name, defense, sample1, sample64)
         cut_infos.append(
             _with_tail(g, CutInfo(
                 name=cut.name, shape=cut.shape, bytes_per_sample=bytes_per_sample(cut.shape), head_flops=g.flops(cut.name),
@@ -408,7 +468,19 @@ def _costs(g: _Grid) -> tuple[list[CutInfo], dict, dict]:
                 index=cut.index, module_type=cut.module_type, aliases=cut.aliases, head_latency_ms_b64=round(lat64, 4),
             ))
         )
-    return cut_infos, latency, prepared
+    return cut_infos, latency
+
+
+def _changed_model_latency(g: _Grid, prepared: _Prepared, latency: dict) -> None:
+    """Time the heads of the changed models (after the attack jobs, so on a quiet machine again)."""
+    sample1, sample64 = g.x_eval[:1], g.x_eval[:64]
+    for cut in g.cuts:
+        for defense in g.defenses:
+            if defense.changes_model and prepared.ready(defense, cut.name):
+                with g.phase("latency"):
+                    model_d = prepared.get(defense, cut.name)[0]
+                    defense.fit(capture(model_d, cut.name, g.x_aux[:256]))
+                    latency[(cut.name, defense.spec)] = _defended_latency(g, model_d, cut.name, defense, sample1, sample64)
 
 
 class _AttackGrid:
@@ -421,7 +493,7 @@ class _AttackGrid:
     activation: the non-adaptive rows. An attack that cannot be warm-started (rMLE) is fitted afresh.
     """
 
-    def __init__(self, g: _Grid, executor, prepared: dict):
+    def __init__(self, g: _Grid, executor, prepared: _Prepared):
         self.g, self.ex, self.prepared = g, executor, prepared
         self.outputs: dict[str, JobOutput | BaseException] = {}
         self.jobs: dict[tuple[str, str, str], JobSpec] = {}  # (cut, attack, role) -> spec; role: base | clean | defense spec
@@ -435,6 +507,7 @@ class _AttackGrid:
         self._waiting: dict[str, list[JobSpec]] = {}  # base job id -> refine jobs waiting for it
         self._inputs: dict[str, dict] = {}  # cut -> shared inputs while its jobs run
         self._open: dict[str, int] = {}  # cut -> jobs not finished
+        self.on_cut_done: Callable[[str], None] | None = None  # called when the last job of a cut has ended
 
     # -- the job graph of one cut --
     def _specs(self, cut: str) -> list[tuple[str, JobSpec]]:
@@ -466,11 +539,11 @@ class _AttackGrid:
         what = (spec.cut, spec.attack, spec.defense, spec.kind, spec.profile, spec.seed, spec.epochs, has_candidate)
         return key_of("attack-job", what, model_hash, g.model_hash, g.data_hash, g.aux_key)
 
+    def _defense(self, spec: str) -> Defense:
+        return next(d for d in self.g.defenses if d.spec == spec)
+
     def _model(self, defense_spec: str, cut: str):
-        d = next(d for d in self.g.defenses if d.spec == defense_spec) if defense_spec != "none" else None
-        if d is None:
-            return self.g.model, self.g.model_hash, {}
-        return _model_for(self.g, self.prepared, d, cut)
+        return self.prepared.get(self._defense(defense_spec), cut)
 
     # -- running --
     def run(self) -> None:
@@ -492,44 +565,67 @@ class _AttackGrid:
 
     def _start_cut(self, cut: str) -> None:
         g = self.g
-        acts: dict[str, Activations] = {}
-        for d in g.defenses:
-            model_d, hash_d, _ = self._model(d.spec, cut)
-            with g.phase("capture"):
-                z_aux, z_eval = g.activations(model_d, hash_d, cut)
-            acts[d.spec] = Activations(aux=z_aux, eval=z_eval)
-            with g.phase("utility"):
-                ukey = key_of("utility", hash_d, g.model_hash, g.data_hash, cut, d.spec, g.config.seed, g.config.profile)
-                hit = g.cache.get("utility", ukey)
-                # A defense that only changes the model predicts the same at every cut: measure it once.
-                same = (hash_d, d.spec) if type(d).apply is Defense.apply and not d.per_cut_model else None
-                if hit is None and same in self._same_utility:
-                    hit = self._same_utility[same]
-                d.fit(z_aux)
-                self.defense_info[(cut, d.spec)] = d.info()
-                if hit is None:
-                    hit = dict(zip(("accuracy", "agreement"), _utility(g, model_d, cut, d)))
-                    g.cache.put("utility", ukey, hit)
-                if same is not None:
-                    self._same_utility[same] = hit
-                self.utility[(cut, d.spec)] = hit
-            self._pump(timeout=0)  # keep the workers fed while this thread captures
-        self._inputs[cut] = {"x_aux": self.ex.put("x_aux", g.x_aux), "x_eval": self.ex.put("x_eval", g.x_eval),
-                             "acts": {k: self.ex.put(("acts", cut, k), v) for k, v in acts.items()}}
+        self._inputs[cut] = {"x_aux": self.ex.put("x_aux", g.x_aux), "x_eval": self.ex.put("x_eval", g.x_eval), "acts": {}}
+        # The activations of changed models are added when a job first needs them (after the base fit,
+        # by when their fine-tuning has usually finished).
+        early = [d for d in g.defenses if not d.changes_model]
+        self._add_acts(cut, early)
         specs = self.plan(cut)
-        self._open[cut] = len(specs)
+        self._open[cut] = len(specs) + 1  # and the utility measured below
         for role, spec in specs:
             if spec.kind == "fit":
                 self._submit(spec)
             else:  # the clean refinement waits for the base; adaptive ones for the clean one (their other candidate)
                 after = self.jobs[(cut, spec.attack, "base" if role == "clean" else "clean")]
                 self._waiting.setdefault(after.id, []).append(spec)
+        # Measured while the first jobs of the cut run (and the workers are kept fed meanwhile).
+        for d in early:
+            self._utility(cut, d)
+            self._pump(timeout=0)
+        self._closed_one(cut)
+
+    def _add_acts(self, cut: str, defenses: list[Defense]) -> None:
+        """Capture what each defense's model sends at ``cut`` (once per model) and share it with the jobs."""
+        g, inp = self.g, self._inputs[cut]
+        by_model = inp.setdefault("by_model", {})  # model hash -> (aux activations, their shared reference)
+        for d in defenses:
+            model_d, hash_d, _ = self.prepared.get(d, cut)
+            if hash_d not in by_model:
+                with g.phase("capture"):
+                    z_aux, z_eval = g.activations(model_d, hash_d, cut)
+                by_model[hash_d] = (z_aux, self.ex.put(("acts", cut, hash_d), Activations(aux=z_aux, eval=z_eval)))
+            inp["acts"][d.spec] = by_model[hash_d][1]
+
+    def _utility(self, cut: str, d: Defense) -> None:
+        """Accuracy and agreement of ``d`` at ``cut`` (and what the defense fitted there, for the row)."""
+        g = self.g
+        model_d, hash_d, _ = self.prepared.get(d, cut)
+        with g.phase("utility"):
+            d.fit(self._inputs[cut]["by_model"][hash_d][0])  # defenses are shared by the cuts: fitted right before use
+            self.defense_info[(cut, d.spec)] = d.info()
+            ukey = key_of("utility", hash_d, g.model_hash, g.data_hash, cut, d.spec, g.config.seed, g.config.profile)
+            hit = g.cache.get("utility", ukey)
+            # A defense that only changes the model predicts the same at every cut: measure it once.
+            same = (hash_d, d.spec) if type(d).apply is Defense.apply and not d.per_cut_model else None
+            if hit is None and same in self._same_utility:
+                hit = self._same_utility[same]
+            if hit is None:
+                hit = dict(zip(("accuracy", "agreement"), _utility(g, model_d, cut, d)))
+                g.cache.put("utility", ukey, hit)
+            if same is not None:
+                self._same_utility[same] = hit
+            self.utility[(cut, d.spec)] = hit
 
     def _submit(self, spec: JobSpec, base_state: dict | None = None, candidate: JobOutput | None = None) -> None:
         g = self.g
+        inp = self._inputs[spec.cut]
+        missing = [self._defense(d) for d in dict.fromkeys((spec.defense, *spec.score)) if d not in inp["acts"]]
+        if missing:  # a changed model's activations (not pumping: this may run inside _pump)
+            self._add_acts(spec.cut, missing)
+            for d in missing:
+                self._utility(spec.cut, d)
         self._keys[spec.id] = key = self._cache_key(spec, candidate is not None)
         hit = g.cache.get("attacks", key)
-        inp = self._inputs[spec.cut]
         acts = {d: inp["acts"][d] for d in {spec.defense, *spec.score}}
         head = None
         if getattr(ATTACKS[spec.attack], "white_box", False):
@@ -575,12 +671,20 @@ class _AttackGrid:
             try:
                 candidate = out if dep.defense != "none" and isinstance(out, JobOutput) else None
                 self._submit(dep, base_state=base.state, candidate=candidate)
+            except UserError:
+                raise  # a defense that cannot change this model (fine-tuned meanwhile): bad input, exit 2
             except Exception as exc:  # noqa: BLE001 - e.g. the object store is full: that job's failure
                 self._finish(dep, exc)
-        self._open[spec.cut] -= 1
-        if self._open[spec.cut] == 0:  # the cut's shared inputs are no longer needed
-            del self._open[spec.cut], self._inputs[spec.cut]
-            self.ex.release(spec.cut)
+        self._closed_one(spec.cut)
+
+    def _closed_one(self, cut: str) -> None:
+        """One more piece of ``cut`` (a job, or its utility) is done; after the last, its rows can be built."""
+        self._open[cut] -= 1
+        if self._open[cut] == 0:  # the cut's shared inputs are no longer needed
+            del self._open[cut], self._inputs[cut]
+            self.ex.release(cut)
+            if self.on_cut_done is not None:
+                self.on_cut_done(cut)
 
     def output(self, cut: str, attack: str, role: str) -> tuple[JobOutput | None, dict]:
         """A row's attack output and its training report (a refinement's merged with its base's)."""
@@ -601,38 +705,62 @@ def _error(exc) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _rows(g: _Grid, grid: _AttackGrid, latency: dict, prepared: dict, out: Path | None) -> list[ResultRow]:
-    from audit.report.images import save_grid
+class _Rows:
+    """The result rows of each cut, built once its jobs have ended (or at the end, for cuts an
+    interrupt left unfinished); ``all()`` returns every row in grid order, flagged."""
 
-    rows: list[ResultRow] = []
-    for cut in g.cuts:
-        grid.plan(cut.name)  # a cut the audit never reached (interrupted) still lists every row it owes
-        for defense in g.defenses:
-            spec = defense.spec
-            dinfo = _model_for(g, prepared, defense, cut.name)[2]
-            base1, lat_d1, base64, lat_d64 = latency[(cut.name, spec)]
-            util = grid.utility.get((cut.name, spec), {})
-            common = dict(
-                cut=cut.name, defense=spec, n_eval=int(g.x_eval.shape[0]), accuracy=_r(util.get("accuracy")),
-                agreement=_r(util.get("agreement")), latency_ms=round(lat_d1, 4), latency_overhead_ms=round(lat_d1 - base1, 4),
-                latency_ms_b64=round(lat_d64, 4), latency_overhead_ms_b64=round(lat_d64 - base64, 4), epsilon=dinfo.get("epsilon"),
-                delta=dinfo.get("delta"), baseline_ssim=round(g.baseline_ssim, 5), baseline_psnr=round(g.baseline_psnr, 3),
-                bytes_per_sample=defense.wire_bytes(cut.shape),
-                defense_info={**dinfo, **grid.defense_info.get((cut.name, spec), {})},
-            )
-            for attack_name in g.config.attacks:
-                variants = []
-                if spec != "none" and (cut.name, attack_name, spec) in grid.jobs:
-                    variants.append((True, *grid.output(cut.name, attack_name, spec)))
-                variants.append((False, *grid.output(cut.name, attack_name, "clean")))
-                for adaptive, output, report in variants:
-                    with g.phase("scoring"):
+    def __init__(self, g: _Grid, grid: _AttackGrid, latency: dict, prepared: _Prepared, out: Path | None):
+        self.g, self.grid, self.latency, self.prepared, self.out = g, grid, latency, prepared, out
+        self.by_cut: dict[str, list[ResultRow]] = {}
+
+    def build(self, cut: str) -> None:
+        from audit.report.images import save_grid
+
+        g, grid = self.g, self.grid
+        info = next(c for c in g.cuts if c.name == cut)
+        grid.plan(cut)  # a cut the audit never reached (interrupted) still lists every row it owes
+        rows: list[ResultRow] = []
+        with g.phase("scoring"):
+            for defense in g.defenses:
+                spec = defense.spec
+                dinfo = self.prepared.info(defense, cut)
+                util = grid.utility.get((cut, spec), {})
+                common = dict(
+                    cut=cut, defense=spec, n_eval=int(g.x_eval.shape[0]), accuracy=_r(util.get("accuracy")),
+                    agreement=_r(util.get("agreement")), **self._latency(cut, spec), epsilon=dinfo.get("epsilon"),
+                    delta=dinfo.get("delta"), baseline_ssim=round(g.baseline_ssim, 5), baseline_psnr=round(g.baseline_psnr, 3),
+                    bytes_per_sample=defense.wire_bytes(info.shape),
+                    defense_info={**dinfo, **grid.defense_info.get((cut, spec), {})},
+                )
+                for attack_name in g.config.attacks:
+                    variants = []
+                    if spec != "none" and (cut, attack_name, spec) in grid.jobs:
+                        variants.append((True, *grid.output(cut, attack_name, spec)))
+                    variants.append((False, *grid.output(cut, attack_name, "clean")))
+                    for adaptive, output, report in variants:
                         scores = output.scores.get(spec) if output is not None else None
                         if output is not None and scores is None:
                             output, report = None, {"converged": False, "error": NOT_RUN}
-                        rows.append(_row(g, common, attack_name, adaptive, scores, report, out, save_grid))
-    _flag_inversions(rows)
-    return rows
+                        rows.append(_row(g, common, attack_name, adaptive, scores, report, self.out, save_grid))
+        self.by_cut[cut] = rows
+
+    def _latency(self, cut: str, spec: str) -> dict[str, float | None]:
+        """The latency fields of a row; None where not measured (yet: a changed model is timed last)."""
+        if (cut, spec) not in self.latency:
+            return dict.fromkeys(("latency_ms", "latency_overhead_ms", "latency_ms_b64", "latency_overhead_ms_b64"))
+        base1, lat_d1, base64, lat_d64 = self.latency[(cut, spec)]
+        return dict(latency_ms=round(lat_d1, 4), latency_overhead_ms=round(lat_d1 - base1, 4),
+                    latency_ms_b64=round(lat_d64, 4), latency_overhead_ms_b64=round(lat_d64 - base64, 4))
+
+    def all(self) -> list[ResultRow]:
+        rows: list[ResultRow] = []
+        for cut in self.g.cuts:
+            if cut.name not in self.by_cut:
+                self.build(cut.name)
+            # Rows built before their defense's latency was measured get it now.
+            rows += [r if r.latency_ms is not None else replace(r, **self._latency(r.cut, r.defense)) for r in self.by_cut[cut.name]]
+        _flag_inversions(rows)
+        return rows
 
 
 def _result(g: _Grid, cfg: AuditConfig, cut_infos: list[CutInfo], rows: list[ResultRow], t_start: float, interrupted: bool) -> AuditResult:
@@ -809,7 +937,8 @@ def _changes_model(spec: str) -> bool:
     return cls is None or cls.changes_model
 
 
-def _prepare_model(g: _Grid, defense: Defense, cut: str | None):
+def _prepare_model(g: _Grid, defense: Defense, cut: str | None, model: nn.Module, stop: threading.Event):
+    """``defense``'s change to ``model`` (a private copy of the victim), from the cache or fine-tuned."""
     ctx = PrepareContext(
         x_train=g.splits.victim.x.to(g.device), y_train=None if g.splits.victim.y is None else g.splits.victim.y.to(g.device),
         x_eval=g.x_eval, y_eval=g.y_eval, profile=g.config.profile,
@@ -817,15 +946,21 @@ def _prepare_model(g: _Grid, defense: Defense, cut: str | None):
     )
     key = key_of("prepared", g.model_hash, g.data_hash, defense.spec, cut, g.config.profile, g.config.seed)
     hit = g.cache.get("models", key)
-    import copy
-
     if hit is not None:
-        change = defense.prepare_model(copy.deepcopy(g.model), cut=cut, ctx=ctx, state=hit["state"])
+        change = defense.prepare_model(copy.deepcopy(model), cut=cut, ctx=ctx, state=hit["state"])
         info = hit["info"] | {"cached": True}
     else:
-        with g.reporter.task(f"{defense.spec}: fine-tuning the model") as task:
-            ctx = replace(ctx, on_epoch=lambda ep, tot, loss: task.update(ep, total=tot))
-            change = defense.prepare_model(copy.deepcopy(g.model), cut=cut, ctx=ctx)
+        def on_epoch(ep, tot, loss):
+            if stop.is_set():
+                raise KeyboardInterrupt
+            task.update(ep, total=tot)
+
+        # Dropout in a user's model draws from torch's global generator: seeded here, so the fine-tuning
+        # is the same in every run (no other thread draws from it: attacks build their modules with
+        # generators of their own).
+        with g.reporter.task(f"{defense.spec}: fine-tuning the model") as task, torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=job_generator(g.config.seed, defense.spec, cut, "rng"))))
+            change = defense.prepare_model(copy.deepcopy(model), cut=cut, ctx=replace(ctx, on_epoch=on_epoch))
         info = change.info
         g.cache.put("models", key, {"state": {k: v.cpu() for k, v in change.model.state_dict().items()}, "info": info})
     model_d = change.model.to(g.device).eval()
