@@ -429,6 +429,13 @@ class _Prepared:
                 fut.result()
         return fut.result()
 
+    def done(self, defense: Defense, cut: str) -> bool:
+        """Whether ``get`` would return (or raise) without waiting."""
+        if not defense.changes_model:
+            return True
+        fut = self._futures.get(self._key(defense, cut))
+        return fut is None or fut.done()
+
     def ready(self, defense: Defense, cut: str) -> bool:
         """Whether the model is there (a change that failed or never ran is not)."""
         if not defense.changes_model:
@@ -455,11 +462,12 @@ def _costs(g: _Grid) -> tuple[list[CutInfo], dict]:
         with g.phase("latency"):
             lat1 = head_latency_ms(g.model, cut.name, sample1, repeats=reps)
             lat64 = head_latency_ms(g.model, cut.name, sample64, repeats=max(3, reps // 3))
+            z_fit = capture(g.model, cut.name, g.x_aux[:256])  # what a defense fits on here (refitted on all aux data later)
             for defense in g.defenses:
                 if defense.spec == "none":
                     latency[(cut.name, "none")] = (lat1, lat1, lat64, lat64)
                 elif not defense.changes_model:
-                    defense.fit(capture(g.model, cut.name, g.x_aux[:256]))  # refitted on all aux data for the attacks
+                    defense.fit(z_fit)
                     latency[(cut.name, defense.spec)] = _defended_latency(g, g.model, cut.name, defense, sample1, sample64)
         cut_infos.append(
             _with_tail(g, CutInfo(
@@ -508,6 +516,8 @@ class _AttackGrid:
         self._inputs: dict[str, dict] = {}  # cut -> shared inputs while its jobs run
         self._open: dict[str, int] = {}  # cut -> jobs not finished
         self.on_cut_done: Callable[[str], None] | None = None  # called when the last job of a cut has ended
+        self._deferred: list[tuple[JobSpec, Any]] = []  # (job, the output it waited for) held back for a fine-tuning
+        self._todo: list[tuple[str, Defense]] = []  # (cut, defense) whose utility is still to measure
 
     # -- the job graph of one cut --
     def _specs(self, cut: str) -> list[tuple[str, JobSpec]]:
@@ -550,10 +560,12 @@ class _AttackGrid:
         # Cuts whose activations are held at once: enough to keep every worker busy, few enough for memory.
         window = max(2, min(self.ex.workers + 1, MAX_CUTS_IN_FLIGHT))
         for cut in self.g.cuts:
-            while len(self._open) >= window:
+            # A cut whose next jobs wait for a fine-tuned model does not count: the workers take the
+            # next cut's base fit meanwhile instead of idling.
+            while len(self._open) - len({d.cut for d, _ in self._deferred}) >= window:
                 self._pump()
             self._start_cut(cut.name)
-        while self._handles:
+        while self._handles or self._deferred or self._todo:
             self._pump()
 
     def plan(self, cut: str) -> list[tuple[str, JobSpec]]:
@@ -571,18 +583,15 @@ class _AttackGrid:
         early = [d for d in g.defenses if not d.changes_model]
         self._add_acts(cut, early)
         specs = self.plan(cut)
-        self._open[cut] = len(specs) + 1  # and the utility measured below
+        self._open[cut] = len(specs) + 1  # and one for its utilities, measured in _pump
         for role, spec in specs:
             if spec.kind == "fit":
                 self._submit(spec)
             else:  # the clean refinement waits for the base; adaptive ones for the clean one (their other candidate)
                 after = self.jobs[(cut, spec.attack, "base" if role == "clean" else "clean")]
                 self._waiting.setdefault(after.id, []).append(spec)
-        # Measured while the first jobs of the cut run (and the workers are kept fed meanwhile).
-        for d in early:
-            self._utility(cut, d)
-            self._pump(timeout=0)
-        self._closed_one(cut)
+        # Measured while the jobs run, one defense per pump (the next cuts' first jobs go out first).
+        self._todo += [(cut, d) for d in early]
 
     def _add_acts(self, cut: str, defenses: list[Defense]) -> None:
         """Capture what each defense's model sends at ``cut`` (once per model) and share it with the jobs."""
@@ -639,6 +648,17 @@ class _AttackGrid:
         self._handles[self.ex.submit(spec, inputs)] = spec
 
     def _pump(self, timeout: float = 0.2) -> None:
+        if self._todo:
+            cut, d = self._todo.pop(0)
+            self._utility(cut, d)
+            if all(c != cut for c, _ in self._todo):
+                self._closed_one(cut)  # the cut's last utility
+            timeout = 0
+        if self._deferred:
+            # Submit what a fine-tuning held back, once it has ended (or now, if nothing else runs).
+            waiting, self._deferred = self._deferred, []
+            for dep, out in waiting:
+                self._submit_dep(dep, out, wait=not self._handles)
         if not self._handles:
             return
         with self.g.phase("attacks"):
@@ -664,18 +684,25 @@ class _AttackGrid:
         if isinstance(out, JobOutput) and out.state is not None and not out.report.get("cached"):
             self.g.cache.put("attacks", self._keys[spec.id], {"state": out.state, "report": out.report})
         for dep in self._waiting.pop(spec.id, []):
-            base = self.outputs.get(self.jobs[(dep.cut, dep.attack, "base")].id)
-            if not (isinstance(base, JobOutput) and base.state is not None):
-                self._finish(dep, RuntimeError(f"its base attack failed: {_error(base)}"))
-                continue
-            try:
-                candidate = out if dep.defense != "none" and isinstance(out, JobOutput) else None
-                self._submit(dep, base_state=base.state, candidate=candidate)
-            except UserError:
-                raise  # a defense that cannot change this model (fine-tuned meanwhile): bad input, exit 2
-            except Exception as exc:  # noqa: BLE001 - e.g. the object store is full: that job's failure
-                self._finish(dep, exc)
+            self._submit_dep(dep, out)
         self._closed_one(spec.cut)
+
+    def _submit_dep(self, dep: JobSpec, out, wait: bool = False) -> None:
+        """Submit ``dep``, which waited for ``out``; held back (unless ``wait``) while a model it needs is being fine-tuned."""
+        base = self.outputs.get(self.jobs[(dep.cut, dep.attack, "base")].id)
+        if not (isinstance(base, JobOutput) and base.state is not None):
+            self._finish(dep, RuntimeError(f"its base attack failed: {_error(base)}"))
+            return
+        if not wait and any(not self.prepared.done(self._defense(d), dep.cut) for d in (dep.defense, *dep.score) if d != "none"):
+            self._deferred.append((dep, out))
+            return
+        try:
+            candidate = out if dep.defense != "none" and isinstance(out, JobOutput) else None
+            self._submit(dep, base_state=base.state, candidate=candidate)
+        except UserError:
+            raise  # a defense that cannot change this model (found while fine-tuning): bad input, exit 2
+        except Exception as exc:  # noqa: BLE001 - e.g. the object store is full: that job's failure
+            self._finish(dep, exc)
 
     def _closed_one(self, cut: str) -> None:
         """One more piece of ``cut`` (a job, or its utility) is done; after the last, its rows can be built."""
@@ -715,6 +742,9 @@ class _Rows:
 
     def build(self, cut: str) -> None:
         from audit.report.images import save_grid
+
+        if self.out is not None:
+            import audit.report.html  # noqa: F401  (matplotlib: imported while the workers train, not after)
 
         g, grid = self.g, self.grid
         info = next(c for c in g.cuts if c.name == cut)
