@@ -368,7 +368,7 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
             prepared.cancel()
             interrupted = True
     g.executor_info = {"executor": executor.name, "workers": executor.workers, "threads_per_job": grid.threads_per_job}
-    _changed_model_latency(g, prepared, latency)  # quiet again: the jobs have ended
+    _changed_model_latency(g, prepared, latency, wait=not interrupted)  # quiet again: the jobs have ended
     rows = rows.all()
     result = _result(g, config, cut_infos, rows, t_start, interrupted)
     if interrupted:
@@ -446,6 +446,10 @@ class _Prepared:
     def info(self, defense: Defense, cut: str) -> dict:
         return self.get(defense, cut)[2] if self.ready(defense, cut) else {}
 
+    def wait(self) -> None:
+        """Until every fine-tuning has ended (a failure is not raised here: its rows carry it)."""
+        cf.wait(list(self._futures.values()))
+
     def cancel(self) -> None:
         self._stop.set()
         for fut in self._futures.values():
@@ -479,8 +483,11 @@ def _costs(g: _Grid) -> tuple[list[CutInfo], dict]:
     return cut_infos, latency
 
 
-def _changed_model_latency(g: _Grid, prepared: _Prepared, latency: dict) -> None:
-    """Time the heads of the changed models (after the attack jobs, so on a quiet machine again)."""
+def _changed_model_latency(g: _Grid, prepared: _Prepared, latency: dict, *, wait: bool) -> None:
+    """Time the heads of the changed models that exist (after the attack jobs, so on a quiet machine
+    again). ``wait``: first let a fine-tuning that no job needed finish."""
+    if wait:
+        prepared.wait()
     sample1, sample64 = g.x_eval[:1], g.x_eval[:64]
     for cut in g.cuts:
         for defense in g.defenses:

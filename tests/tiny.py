@@ -41,3 +41,20 @@ def build() -> nn.Module:
 def build_rgb() -> nn.Module:
     torch.manual_seed(0)
     return TinyNet(in_channels=3)
+
+
+class TinyDropNet(TinyNet):
+    """TinyNet with dropout before its classifier: in training mode it draws from torch's global generator."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        x = self.block(F.relu(self.stem(x)))
+        return self.fc(self.drop(torch.flatten(F.max_pool2d(x, 2), 1)))
+
+
+def build_with_dropout() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyDropNet()
