@@ -55,6 +55,13 @@ def head_flops(model: nn.Module, cut: str | None, sample: torch.Tensor) -> int:
 SMALL_MODEL_FLOPS = 10e6
 
 
+def training_thread_count(model: nn.Module, sample: torch.Tensor) -> int:
+    """One intra-op thread for a small model on a CPU (see :func:`training_threads`), else all."""
+    if sample.device.type == "cpu" and head_flops(model, None, sample[:1]) < SMALL_MODEL_FLOPS:
+        return 1
+    return torch.get_num_threads()
+
+
 @contextmanager
 def training_threads(model: nn.Module, sample: torch.Tensor) -> Iterator[int]:
     """Intra-op threads for training ``model`` on a CPU while nothing else runs.
@@ -64,9 +71,7 @@ def training_threads(model: nn.Module, sample: torch.Tensor) -> Iterator[int]:
     thread, 0.42-0.75 s on two; He et al.'s CIFAR net, 78 MFLOPs, takes 11 s on two and 16-19 s on one).
     """
     before = torch.get_num_threads()
-    n = before
-    if sample.device.type == "cpu" and head_flops(model, None, sample[:1]) < SMALL_MODEL_FLOPS:
-        n = 1
+    n = training_thread_count(model, sample)
     torch.set_num_threads(n)
     try:
         yield n

@@ -33,7 +33,7 @@ from attacks.base import ATTACKS, make_attack
 from attacks.training import TrainConfig, train
 from audit import __version__
 from audit.cache import Cache, key_of
-from audit.costs import bytes_per_sample, defense_latency_ms, head_flops, head_latency_ms, training_threads
+from audit.costs import bytes_per_sample, defense_latency_ms, head_flops, head_latency_ms, training_thread_count, training_threads
 from audit.cuts import Discovery, capture, discover_cuts, predict, run_model
 from audit.data import Splits, data_hash, load_data, make_splits
 from audit.errors import DataError, ModelError, SpecError, UserError
@@ -350,25 +350,29 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
     g.setup()
     executor = make_executor(config.executor, workers=config.workers, device=g.device, ray_address=config.ray_address)
     cut_infos, latency = _costs(g)
+    # The models the defenses change are fine-tuned on a thread of their own while the workers start
+    # on the undefended attacks, which need only the victim.
     prepared = _Prepared(g)
+    prepared.start()
     interrupted = False
-    with executor:
-        # The models the defenses change are fine-tuned on a thread of their own while the workers
-        # start on the undefended attacks, which need only the victim.
-        prepared.start()
-        grid = _AttackGrid(g, executor, prepared)
-        # A cut's rows (summaries, image grids) are built as soon as its last job ends, while the
-        # workers train the next cuts' attacks, not all at the end.
-        rows = _Rows(g, grid, latency, prepared, Path(config.out) if config.out else None)
-        grid.on_cut_done = rows.build
-        try:
-            grid.run()
-        except KeyboardInterrupt:
-            executor.cancel()
-            prepared.cancel()
-            interrupted = True
-    g.executor_info = {"executor": executor.name, "workers": executor.workers, "threads_per_job": grid.threads_per_job}
-    _changed_model_latency(g, prepared, latency, wait=not interrupted)  # quiet again: the jobs have ended
+    try:
+        with executor:
+            grid = _AttackGrid(g, executor, prepared)
+            # A cut's rows (summaries, image grids) are built as soon as its last job ends, while the
+            # workers train the next cuts' attacks, not all at the end.
+            rows = _Rows(g, grid, latency, prepared, Path(config.out) if config.out else None)
+            grid.on_cut_done = rows.build
+            try:
+                grid.run()
+            except KeyboardInterrupt:
+                executor.cancel()
+                prepared.cancel()
+                interrupted = True
+        g.executor_info = {"executor": executor.name, "workers": executor.workers, "threads_per_job": grid.threads_per_job}
+        _changed_model_latency(g, prepared, latency, wait=not interrupted)  # quiet again: the jobs have ended
+    except BaseException:
+        prepared.cancel()  # no fine-tuning left running behind an error
+        raise
     rows = rows.all()
     result = _result(g, config, cut_infos, rows, t_start, interrupted)
     if interrupted:
@@ -405,6 +409,14 @@ class _Prepared:
         # Copied here, while no hook is on it: the driver stops forward passes at cuts with hooks.
         victim = copy.deepcopy(self.g.model)
         pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitaudit-prepare")
+        # A thread keeps the intra-op thread count it first ran with. Fixed here, before an executor
+        # changes the process's count, so the fine-tuned weights never depend on --workers.
+        before = torch.get_num_threads()
+        torch.set_num_threads(training_thread_count(victim, self.g.x_eval))
+        try:
+            pool.submit(torch.get_num_threads).result()
+        finally:
+            torch.set_num_threads(before)
         for d, cut in keys:
             self._futures[(d.spec, cut)] = pool.submit(self._prepare, d, cut, victim)
         pool.shutdown(wait=False)
@@ -445,6 +457,19 @@ class _Prepared:
 
     def info(self, defense: Defense, cut: str) -> dict:
         return self.get(defense, cut)[2] if self.ready(defense, cut) else {}
+
+    def error(self, defense: Defense, cut: str) -> str | None:
+        """Why a changed model is missing: its fine-tuning's error, or None."""
+        fut = self._futures.get(self._key(defense, cut)) if defense.changes_model else None
+        if fut is None or not fut.done() or fut.cancelled() or fut.exception() is None:
+            return None
+        return f"fine-tuning for {defense.spec} failed: {_error(fut.exception())}"
+
+    def raise_user_error(self) -> None:
+        """A fine-tuning that failed on bad input (say, a layer Opacus refuses) ends the audit at once: exit 2."""
+        for fut in self._futures.values():
+            if fut.done() and not fut.cancelled() and isinstance(fut.exception(), UserError):
+                raise fut.exception()
 
     def wait(self) -> None:
         """Until every fine-tuning has ended (a failure is not raised here: its rows carry it)."""
@@ -569,7 +594,7 @@ class _AttackGrid:
         for cut in self.g.cuts:
             # A cut whose next jobs wait for a fine-tuned model does not count: the workers take the
             # next cut's base fit meanwhile instead of idling.
-            while len(self._open) - len({d.cut for d, _ in self._deferred}) >= window:
+            while len(self._open) - len({d.cut for d, _ in self._deferred}) >= window or len(self._open) >= MAX_CUTS_IN_FLIGHT:
                 self._pump()
             self._start_cut(cut.name)
         while self._handles or self._deferred or self._todo:
@@ -593,7 +618,7 @@ class _AttackGrid:
         self._open[cut] = len(specs) + 1  # and one for its utilities, measured in _pump
         for role, spec in specs:
             if spec.kind == "fit":
-                self._submit(spec)
+                self._submit_dep(spec, None)
             else:  # the clean refinement waits for the base; adaptive ones for the clean one (their other candidate)
                 after = self.jobs[(cut, spec.attack, "base" if role == "clean" else "clean")]
                 self._waiting.setdefault(after.id, []).append(spec)
@@ -635,6 +660,11 @@ class _AttackGrid:
     def _submit(self, spec: JobSpec, base_state: dict | None = None, candidate: JobOutput | None = None) -> None:
         g = self.g
         inp = self._inputs[spec.cut]
+        # A changed model whose fine-tuning failed is not scored on: its rows carry that error, and
+        # the other rows of this job keep their numbers.
+        score = tuple(d for d in spec.score if d == spec.defense or self.prepared.error(self._defense(d), spec.cut) is None)
+        if score != spec.score:
+            spec = replace(spec, score=score)
         missing = [self._defense(d) for d in dict.fromkeys((spec.defense, *spec.score)) if d not in inp["acts"]]
         if missing:  # a changed model's activations (not pumping: this may run inside _pump)
             self._add_acts(spec.cut, missing)
@@ -655,6 +685,7 @@ class _AttackGrid:
         self._handles[self.ex.submit(spec, inputs)] = spec
 
     def _pump(self, timeout: float = 0.2) -> None:
+        self.prepared.raise_user_error()
         if self._todo:
             cut, d = self._todo.pop(0)
             self._utility(cut, d)
@@ -695,17 +726,21 @@ class _AttackGrid:
         self._closed_one(spec.cut)
 
     def _submit_dep(self, dep: JobSpec, out, wait: bool = False) -> None:
-        """Submit ``dep``, which waited for ``out``; held back (unless ``wait``) while a model it needs is being fine-tuned."""
-        base = self.outputs.get(self.jobs[(dep.cut, dep.attack, "base")].id)
-        if not (isinstance(base, JobOutput) and base.state is not None):
-            self._finish(dep, RuntimeError(f"its base attack failed: {_error(base)}"))
-            return
+        """Submit ``dep``, which waited for ``out`` (None: for nothing); held back (unless ``wait``)
+        while a model it needs is being fine-tuned."""
+        base_state = None
+        if dep.kind == "refine":
+            base = self.outputs.get(self.jobs[(dep.cut, dep.attack, "base")].id)
+            if not (isinstance(base, JobOutput) and base.state is not None):
+                self._finish(dep, RuntimeError(f"its base attack failed: {_error(base)}"))
+                return
+            base_state = base.state
         if not wait and any(not self.prepared.done(self._defense(d), dep.cut) for d in (dep.defense, *dep.score) if d != "none"):
             self._deferred.append((dep, out))
             return
         try:
             candidate = out if dep.defense != "none" and isinstance(out, JobOutput) else None
-            self._submit(dep, base_state=base.state, candidate=candidate)
+            self._submit(dep, base_state=base_state, candidate=candidate)
         except UserError:
             raise  # a defense that cannot change this model (found while fine-tuning): bad input, exit 2
         except Exception as exc:  # noqa: BLE001 - e.g. the object store is full: that job's failure
@@ -777,7 +812,7 @@ class _Rows:
                     for adaptive, output, report in variants:
                         scores = output.scores.get(spec) if output is not None else None
                         if output is not None and scores is None:
-                            output, report = None, {"converged": False, "error": NOT_RUN}
+                            output, report = None, {"converged": False, "error": self.prepared.error(defense, cut) or NOT_RUN}
                         rows.append(_row(g, common, attack_name, adaptive, scores, report, self.out, save_grid))
         self.by_cut[cut] = rows
 
@@ -824,7 +859,7 @@ def _result(g: _Grid, cfg: AuditConfig, cut_infos: list[CutInfo], rows: list[Res
             "cuts": [c.name for c in g.cuts], "threshold": cfg.threshold, "command": cfg.command,
             "skipped_cuts": [list(s) for s in g.discovery.skipped], "seconds": round(time.perf_counter() - t_start, 1),
             "cache": g.cache.stats(),
-            "timings": {k: round(v, 2) for k, v in g.timings.items()},
+            "timings": {k: round(v, 2) for k, v in list(g.timings.items())},  # a snapshot: a fine-tuning may still add to it
             **g.executor_info, "interrupted": interrupted,
         },
         threshold=cfg.threshold,
@@ -995,8 +1030,12 @@ def _prepare_model(g: _Grid, defense: Defense, cut: str | None, model: nn.Module
         # Dropout in a user's model draws from torch's global generator: seeded here, so the fine-tuning
         # is the same in every run (no other thread draws from it: attacks build their modules with
         # generators of their own).
-        with g.reporter.task(f"{defense.spec}: fine-tuning the model") as task, torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=job_generator(g.config.seed, defense.spec, cut, "rng"))))
+        cuda = [g.device] if g.device.type == "cuda" else []
+        with g.reporter.task(f"{defense.spec}: fine-tuning the model") as task, torch.random.fork_rng(devices=cuda):
+            seed = int(torch.randint(0, 2**62, (1,), generator=job_generator(g.config.seed, defense.spec, cut, "rng")))
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.manual_seed(seed)  # dropout on the GPU draws from that device's generator
             change = defense.prepare_model(copy.deepcopy(model), cut=cut, ctx=replace(ctx, on_epoch=on_epoch))
         info = change.info
         g.cache.put("models", key, {"state": {k: v.cpu() for k, v in change.model.state_dict().items()}, "info": info})

@@ -147,3 +147,23 @@ def test_fine_tuning_beside_the_attack_jobs_is_reproducible(tmp_path):
     assert all(r.status == "ok" and r.accuracy is not None and r.latency_ms is not None and r.latency_ms > 0 for r in tuned)
     assert all(r.epsilon is not None and 0 < r.epsilon <= 8.5 for r in tuned if r.defense.startswith("dpsgd"))
     assert {r.defense_info["cut"] for r in tuned if r.defense.startswith("nopeek")} == {"stem", "block"}
+
+
+@pytest.mark.parametrize("attack", ["decoder", "rmle"])
+def test_a_failed_fine_tuning_fails_only_its_own_rows(tmp_path, monkeypatch, attack):
+    """The undefended attacker also scores on the fine-tuned model's activations; when that model
+    never comes, its rows say why and every other row keeps its numbers (a refined or a fitted attack)."""
+    import audit.runner as runner
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("fine-tuning crashed")
+
+    monkeypatch.setattr(runner, "_prepare_model", crash)
+    npz = write_tiny_npz(tmp_path / "d.npz", n=240)
+    res = run_audit(AuditConfig(model="tests/tiny.py:build", data=str(npz), cuts=("stem",), profile="quick", use_cache=False,
+                                defenses=("none", "noise:sigma=1", "dpsgd:epsilon=8"), attacks=(attack,), device="cpu"))
+    dp = [r for r in res.results if r.defense.startswith("dpsgd")]
+    others = [r for r in res.results if not r.defense.startswith("dpsgd")]
+    assert dp and all(r.status != "ok" and "fine-tuning crashed" in r.error for r in dp)
+    assert others and all(r.status == "ok" for r in others), [(r.defense, r.adaptive, r.error) for r in others]
+    assert all(r.latency_ms is None for r in dp) and all(r.latency_ms is not None for r in others)
