@@ -154,19 +154,20 @@ def head_latency_ms(model: nn.Module, cut: str, sample: torch.Tensor, *, warmup:
     return median_ms(lambda: head_forward(model, cut, sample), warmup=warmup, repeats=repeats, sync=_sync_for(sample))
 
 
-def paired_median_ms(fn_a: Callable[[], object], fn_b: Callable[[], object], *, warmup: int = 3, repeats: int = 15,
-                     sync: Callable[[], None] | None = None) -> tuple[float, float]:
-    """Medians of two functions timed in alternation, so that load changes hit both equally.
+def interleaved_medians_ms(fns: list[Callable[[], object]], *, warmup: int = 3, repeats: int = 15,
+                           sync: Callable[[], None] | None = None) -> list[float]:
+    """Medians of several functions timed in turn, round after round, so that load changes hit all equally.
 
-    Used for a defense's overhead: head alone vs head + defense, measured side by side rather than
-    minutes apart, where a busy machine would turn noise into a (possibly negative) overhead.
+    Used for defense overheads: the head alone and the head + each defense, measured side by side
+    rather than minutes apart, where a busy machine would turn noise into a (possibly negative)
+    overhead. One shared head-alone series serves every defense of a cut.
     """
     for _ in range(warmup):
-        fn_a()
-        fn_b()
-    ta, tb = [], []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, acc in ((fn_a, ta), (fn_b, tb)):
+        for fn, acc in zip(fns, times):
             if sync:
                 sync()
             t0 = time.perf_counter()
@@ -174,7 +175,14 @@ def paired_median_ms(fn_a: Callable[[], object], fn_b: Callable[[], object], *, 
             if sync:
                 sync()
             acc.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ta), statistics.median(tb)
+    return [statistics.median(t) for t in times]
+
+
+def paired_median_ms(fn_a: Callable[[], object], fn_b: Callable[[], object], *, warmup: int = 3, repeats: int = 15,
+                     sync: Callable[[], None] | None = None) -> tuple[float, float]:
+    """:func:`interleaved_medians_ms` of two functions."""
+    a, b = interleaved_medians_ms([fn_a, fn_b], warmup=warmup, repeats=repeats, sync=sync)
+    return a, b
 
 
 @torch.no_grad()

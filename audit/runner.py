@@ -33,8 +33,11 @@ from attacks.base import ATTACKS, make_attack
 from attacks.training import TrainConfig, train
 from audit import __version__
 from audit.cache import Cache, key_of
-from audit.costs import bytes_per_sample, defense_latency_ms, head_flops, head_latency_ms, training_thread_count, training_threads
-from audit.cuts import Discovery, capture, discover_cuts, predict, run_model
+from audit.costs import (
+    bytes_per_sample, defense_latency_ms, head_flops, head_latency_ms, interleaved_medians_ms, training_thread_count,
+    training_threads,
+)
+from audit.cuts import Discovery, capture, discover_cuts, head_forward, predict, run_model
 from audit.data import Splits, data_hash, load_data, make_splits
 from audit.errors import DataError, ModelError, SpecError, UserError
 from audit.executors import make_executor
@@ -487,17 +490,18 @@ def _costs(g: _Grid) -> tuple[list[CutInfo], dict]:
     sample1, sample64 = g.x_eval[:1], g.x_eval[:64]
     cut_infos: list[CutInfo] = []
     latency: dict[tuple[str, str], tuple[float, float, float, float]] = {}
+    same_model = [d for d in g.defenses if d.spec != "none" and not d.changes_model]
     for cut in g.cuts:
         with g.phase("latency"):
-            lat1 = head_latency_ms(g.model, cut.name, sample1, repeats=reps)
-            lat64 = head_latency_ms(g.model, cut.name, sample64, repeats=max(3, reps // 3))
             z_fit = capture(g.model, cut.name, g.x_aux[:256])  # what a defense fits on here (refitted on all aux data later)
-            for defense in g.defenses:
-                if defense.spec == "none":
-                    latency[(cut.name, "none")] = (lat1, lat1, lat64, lat64)
-                elif not defense.changes_model:
-                    defense.fit(z_fit)
-                    latency[(cut.name, defense.spec)] = _defended_latency(g, g.model, cut.name, defense, sample1, sample64)
+            for defense in same_model:
+                defense.fit(z_fit)
+            # The head alone and the head + each defense, in turn: one shared head-alone series.
+            lat1, *d1 = _interleaved(g, g.model, cut.name, same_model, sample1, reps)
+            lat64, *d64 = _interleaved(g, g.model, cut.name, same_model, sample64, max(3, reps // 3))
+            latency[(cut.name, "none")] = (lat1, lat1, lat64, lat64)
+            for defense, a, b in zip(same_model, d1, d64):
+                latency[(cut.name, defense.spec)] = (lat1, a, lat64, b)
         cut_infos.append(
             _with_tail(g, CutInfo(
                 name=cut.name, shape=cut.shape, bytes_per_sample=bytes_per_sample(cut.shape), head_flops=g.flops(cut.name),
@@ -900,6 +904,18 @@ def _utility(g: _Grid, model_d: nn.Module, cut: str, defense: Defense) -> tuple[
         if g.clean_pred is not None:
             agrees.append(float((pred == g.clean_pred).float().mean()))
     return (sum(accs) / len(accs) if accs else None, sum(agrees) / len(agrees) if agrees else None)
+
+
+@torch.no_grad()
+def _interleaved(g: _Grid, model: nn.Module, cut: str, defenses: list[Defense], sample: torch.Tensor, repeats: int) -> list[float]:
+    """Median ms of the head of ``model`` alone, then of the head + each defense, timed in turn."""
+    def defended(d: Defense, gen: torch.Generator):
+        return lambda: d.apply(head_forward(model, cut, sample), generator=gen)
+
+    model.eval()
+    fns = [lambda: head_forward(model, cut, sample)]
+    fns += [defended(d, job_generator(g.config.seed, cut, d.spec, "latency")) for d in defenses]
+    return interleaved_medians_ms(fns, repeats=repeats, sync=torch.cuda.synchronize if sample.is_cuda else None)
 
 
 def _defended_latency(g: _Grid, model_d: nn.Module, cut: str, defense: Defense, sample1, sample64) -> tuple[float, float, float, float]:
