@@ -178,21 +178,13 @@ def interleaved_medians_ms(fns: list[Callable[[], object]], *, warmup: int = 3, 
     return [statistics.median(t) for t in times]
 
 
-def paired_median_ms(fn_a: Callable[[], object], fn_b: Callable[[], object], *, warmup: int = 3, repeats: int = 15,
-                     sync: Callable[[], None] | None = None) -> tuple[float, float]:
-    """:func:`interleaved_medians_ms` of two functions."""
-    a, b = interleaved_medians_ms([fn_a, fn_b], warmup=warmup, repeats=repeats, sync=sync)
-    return a, b
-
-
 @torch.no_grad()
-def defense_latency_ms(model: nn.Module, defended: nn.Module, cut: str, sample: torch.Tensor, transform, *, repeats: int = 15) -> tuple[float, float]:
-    """(head alone on ``model``, head + ``transform`` on ``defended``), timed in alternation."""
+def defense_latency_ms(model: nn.Module, cut: str, sample: torch.Tensor, defended: list[tuple[nn.Module, Callable]], *,
+                       repeats: int = 15) -> list[float]:
+    """Medians of the head of ``model`` alone, then of each (model, transform)'s head + transform, timed in turn."""
     model.eval()
-    defended.eval()
-    return paired_median_ms(
-        lambda: head_forward(model, cut, sample),
-        lambda: transform(head_forward(defended, cut, sample)),
-        repeats=repeats,
-        sync=_sync_for(sample),
-    )
+    for m, _ in defended:
+        m.eval()
+    fns: list[Callable[[], object]] = [lambda: head_forward(model, cut, sample)]
+    fns += [lambda m=m, tf=tf: tf(head_forward(m, cut, sample)) for m, tf in defended]
+    return interleaved_medians_ms(fns, repeats=repeats, sync=_sync_for(sample))

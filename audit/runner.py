@@ -34,10 +34,9 @@ from attacks.training import TrainConfig, train
 from audit import __version__
 from audit.cache import Cache, key_of
 from audit.costs import (
-    bytes_per_sample, defense_latency_ms, head_flops, head_latency_ms, interleaved_medians_ms, training_thread_count,
-    training_threads,
+    bytes_per_sample, defense_latency_ms, head_flops, head_latency_ms, training_thread_count, training_threads,
 )
-from audit.cuts import Discovery, capture, discover_cuts, head_forward, predict, run_model
+from audit.cuts import Discovery, capture, discover_cuts, predict, run_model
 from audit.data import Splits, data_hash, load_data, make_splits
 from audit.errors import DataError, ModelError, SpecError, UserError
 from audit.executors import make_executor
@@ -486,8 +485,6 @@ class _Prepared:
 
 def _costs(g: _Grid) -> tuple[list[CutInfo], dict]:
     """Time every head, and every defense that leaves the model as it is, on a quiet machine."""
-    reps = g.profile["latency_repeats"]
-    sample1, sample64 = g.x_eval[:1], g.x_eval[:64]
     cut_infos: list[CutInfo] = []
     latency: dict[tuple[str, str], tuple[float, float, float, float]] = {}
     same_model = [d for d in g.defenses if d.spec != "none" and not d.changes_model]
@@ -496,12 +493,9 @@ def _costs(g: _Grid) -> tuple[list[CutInfo], dict]:
             z_fit = capture(g.model, cut.name, g.x_aux[:256])  # what a defense fits on here (refitted on all aux data later)
             for defense in same_model:
                 defense.fit(z_fit)
-            # The head alone and the head + each defense, in turn: one shared head-alone series.
-            lat1, *d1 = _interleaved(g, g.model, cut.name, same_model, sample1, reps)
-            lat64, *d64 = _interleaved(g, g.model, cut.name, same_model, sample64, max(3, reps // 3))
-            latency[(cut.name, "none")] = (lat1, lat1, lat64, lat64)
-            for defense, a, b in zip(same_model, d1, d64):
-                latency[(cut.name, defense.spec)] = (lat1, a, lat64, b)
+            by_defense = _defense_latencies(g, cut.name, [(d, g.model) for d in same_model])
+            latency.update({(cut.name, spec): v for spec, v in by_defense.items()})
+            lat1, lat64 = by_defense["none"][0], by_defense["none"][2]
         cut_infos.append(
             _with_tail(g, CutInfo(
                 name=cut.name, shape=cut.shape, bytes_per_sample=bytes_per_sample(cut.shape), head_flops=g.flops(cut.name),
@@ -517,14 +511,15 @@ def _changed_model_latency(g: _Grid, prepared: _Prepared, latency: dict, *, wait
     again). ``wait``: first let a fine-tuning that no job needed finish."""
     if wait:
         prepared.wait()
-    sample1, sample64 = g.x_eval[:1], g.x_eval[:64]
     for cut in g.cuts:
-        for defense in g.defenses:
-            if defense.changes_model and prepared.ready(defense, cut.name):
-                with g.phase("latency"):
-                    model_d = prepared.get(defense, cut.name)[0]
-                    defense.fit(capture(model_d, cut.name, g.x_aux[:256]))
-                    latency[(cut.name, defense.spec)] = _defended_latency(g, model_d, cut.name, defense, sample1, sample64)
+        pairs = [(d, prepared.get(d, cut.name)[0]) for d in g.defenses if d.changes_model and prepared.ready(d, cut.name)]
+        if not pairs:
+            continue
+        with g.phase("latency"):
+            for defense, model_d in pairs:
+                defense.fit(capture(model_d, cut.name, g.x_aux[:256]))
+            by_defense = _defense_latencies(g, cut.name, pairs)
+            latency.update({(cut.name, d.spec): by_defense[d.spec] for d, _ in pairs})
 
 
 class _AttackGrid:
@@ -906,26 +901,19 @@ def _utility(g: _Grid, model_d: nn.Module, cut: str, defense: Defense) -> tuple[
     return (sum(accs) / len(accs) if accs else None, sum(agrees) / len(agrees) if agrees else None)
 
 
-@torch.no_grad()
-def _interleaved(g: _Grid, model: nn.Module, cut: str, defenses: list[Defense], sample: torch.Tensor, repeats: int) -> list[float]:
-    """Median ms of the head of ``model`` alone, then of the head + each defense, timed in turn."""
-    def defended(d: Defense, gen: torch.Generator):
-        return lambda: d.apply(head_forward(model, cut, sample), generator=gen)
+def _defense_latencies(g: _Grid, cut: str, pairs: list[tuple[Defense, nn.Module]]) -> dict[str, tuple[float, float, float, float]]:
+    """Per defense: (head alone, head + defense) in ms at batch 1 and 64. The victim's head alone and
+    each defense on its own model are timed in turn, round after round, so one head-alone series
+    serves every defense and load changes hit all equally. Each defense is fitted already."""
+    def transform(d: Defense):
+        gen = job_generator(g.config.seed, cut, d.spec, "latency")
+        return lambda z: d.apply(z, generator=gen)
 
-    model.eval()
-    fns = [lambda: head_forward(model, cut, sample)]
-    fns += [defended(d, job_generator(g.config.seed, cut, d.spec, "latency")) for d in defenses]
-    return interleaved_medians_ms(fns, repeats=repeats, sync=torch.cuda.synchronize if sample.is_cuda else None)
-
-
-def _defended_latency(g: _Grid, model_d: nn.Module, cut: str, defense: Defense, sample1, sample64) -> tuple[float, float, float, float]:
-    """Device time of head alone and of head + defense at batch 1 and 64 (measured side by side)."""
+    defended = [(m, transform(d)) for d, m in pairs]
     reps = g.profile["latency_repeats"]
-    lgen = job_generator(g.config.seed, cut, defense.spec, "latency")
-    tf = lambda z: defense.apply(z, generator=lgen)  # noqa: E731
-    base1, d1 = defense_latency_ms(g.model, model_d, cut, sample1, tf, repeats=reps)
-    base64, d64 = defense_latency_ms(g.model, model_d, cut, sample64, tf, repeats=max(3, reps // 3))
-    return base1, d1, base64, d64
+    base1, *d1 = defense_latency_ms(g.model, cut, g.x_eval[:1], defended, repeats=reps)
+    base64, *d64 = defense_latency_ms(g.model, cut, g.x_eval[:64], defended, repeats=max(3, reps // 3))
+    return {d.spec: (base1, a, base64, b) for (d, _), a, b in zip(pairs, d1, d64)} | {"none": (base1, base1, base64, base64)}
 
 
 def _r(v: float | None, nd: int = 5) -> float | None:
