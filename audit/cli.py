@@ -6,7 +6,9 @@ exits 1. Progress goes to stderr; tables to stdout; data to files.
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import shlex
 import sys
 from enum import Enum
@@ -295,8 +297,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The console script."""
-    sys.exit(main())
+    """The console script.
+
+    It ends with ``os._exit`` once the exit handlers have run and the output is flushed: the
+    interpreter's teardown of the modules an audit loads (torch, opacus, matplotlib) took 1.5 s of
+    every run here, 0.5 s for torch alone. Everything an audit writes is renamed into place and synced
+    by then, and the executors have shut their workers (and Ray) down.
+    """
+    code = main()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

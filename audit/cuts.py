@@ -177,15 +177,84 @@ def forward_with(model: nn.Module, cut: str, x: torch.Tensor, transform: Callabl
         handle.remove()
 
 
+def _top1(out) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        raise ModelError("the model's output is not a (batch, classes) tensor, so accuracy cannot be measured")
+    return out.argmax(dim=1)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, *, cut: str | None = None, transform=None, batch_size: int = 256) -> torch.Tensor:
     """Top-1 predictions, optionally with a defense applied at ``cut``."""
+    if cut is not None and transform is not None:
+        return predict_each(model, x, cut, [transform], batch_size=batch_size)[0]
     model.eval()
-    preds = []
+    return torch.cat([_top1(run_model(model, x[i : i + batch_size])) for i in range(0, x.shape[0], batch_size)])
+
+
+def _stacked(model: nn.Module, cut: str, x: torch.Tensor, transforms) -> list[torch.Tensor] | None:
+    """The model's outputs for each of ``transforms`` applied at ``cut``, from one pass: the cut's
+    output is replaced by the transforms' outputs stacked along the batch, so the head runs once and
+    the tail once on all of them. None when the model fails that way or its output does not have one
+    row per stacked sample."""
+    n, k = x.shape[0], len(transforms)
+
+    def hook(module, inputs, output):
+        return torch.cat([t(output) for t in transforms])
+
+    handle = _module(model, cut).register_forward_hook(hook)
+    try:
+        out = run_model(model, x)
+    except ModelError:
+        return None
+    finally:
+        handle.remove()
+    if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != n * k:
+        return None
+    return list(out.split(n))
+
+
+def _stacks(model: nn.Module, cut: str, x: torch.Tensor, k: int) -> bool:
+    """Whether ``k`` activations stacked at ``cut`` come out of the tail as each would alone, tried on
+    two samples with k different made-up changes to the activation, before any transform draws noise.
+    A tail that combines the cut's output with a tensor from before the cut (a skip connection across
+    it), reshapes to the input's batch size or calls the cut module again fails or changes the
+    output's size (with two samples nothing can broadcast against the stack); one that mixes samples
+    (batch statistics) gives other outputs than one pass per change."""
+    if k < 2 or x.shape[0] < 2:
+        return False
+    xb = x[:2]
+    probes = [lambda z, j=j: z * (1 + j) + j for j in range(k)]
+    outs = _stacked(model, cut, xb, probes)
+    if outs is None:
+        return False
+    for probe, out in zip(probes, outs):
+        alone = forward_with(model, cut, xb, probe)
+        if not isinstance(alone, torch.Tensor) or not alone.is_floating_point() or out.shape != alone.shape:
+            return False
+        if not torch.allclose(out, alone, rtol=1e-4, atol=1e-5 * (float(alone.abs().max()) + 1.0)):
+            return False
+    return True
+
+
+@torch.no_grad()
+def predict_each(model: nn.Module, x: torch.Tensor, cut: str, transforms, *, batch_size: int = 256) -> list[torch.Tensor]:
+    """Top-1 predictions with each of ``transforms`` applied at ``cut``, one tensor per transform.
+
+    Where the model allows it (see :func:`_stacks`), the transforms share each batch's head and the
+    tail runs on them stacked; otherwise the model runs once per transform. Each transform is applied
+    to the same batches in the same order either way, so one that draws noise from a generator of its
+    own draws the same noise, and the predictions are those of one pass per transform.
+    """
+    model.eval()
+    transforms = list(transforms)
+    stack = _stacks(model, cut, x, len(transforms))
+    preds: list[list[torch.Tensor]] = [[] for _ in transforms]
     for i in range(0, x.shape[0], batch_size):
         xb = x[i : i + batch_size]
-        out = forward_with(model, cut, xb, transform) if cut is not None and transform is not None else run_model(model, xb)
-        if not isinstance(out, torch.Tensor) or out.dim() < 2:
-            raise ModelError("the model's output is not a (batch, classes) tensor, so accuracy cannot be measured")
-        preds.append(out.argmax(dim=1))
-    return torch.cat(preds)
+        outs = _stacked(model, cut, xb, transforms) if stack and xb.shape[0] >= 2 else None
+        if outs is None:
+            outs = [forward_with(model, cut, xb, t) for t in transforms]
+        for p, out in zip(preds, outs):
+            p.append(_top1(out))
+    return [torch.cat(p) for p in preds]

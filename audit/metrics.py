@@ -276,6 +276,51 @@ def _as_finite_vector(values: Tensor | np.ndarray, name: str) -> Tensor:
     return v
 
 
+class Resamples:
+    """``n_boot`` resamples with replacement of ``n`` values, drawn once and applied to any number of
+    vectors of ``n`` values.
+
+    Vectors scored on the same samples (SSIM and PSNR of one row, or every row of an audit) then get
+    their intervals from the same resamples: a paired bootstrap. Each resample is held as its weights
+    (how often it drew each value, over ``n``), so a resample's mean is one matrix-vector product.
+
+    Args:
+        n: number of values each vector will have.
+        n_boot: number of resamples.
+        generator: a CPU generator, for reproducible intervals. By default a new generator seeded
+            with 0, so that the same values always give the same interval.
+
+    Raises:
+        ValueError: on a bad ``n`` or ``n_boot``.
+    """
+
+    def __init__(self, n: int, *, n_boot: int = 1000, generator: torch.Generator | None = None):
+        for name, v in (("n", n), ("n_boot", n_boot)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"bootstrap_ci: {name} must be a positive integer, got {v!r}")
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        idx = torch.randint(0, n, (n_boot, n), generator=generator)
+        counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
+        self.n, self.weights = n, counts / n
+
+    def ci(self, values: Tensor | np.ndarray, *, confidence: float = 0.95) -> tuple[float, float]:
+        """Percentile interval of the mean of ``values`` over the resamples: the ``(1 - confidence) / 2``
+        and ``(1 + confidence) / 2`` quantiles of the resample means, linearly interpolated as
+        ``numpy.quantile`` does. ``values`` must be finite and have ``n`` elements."""
+        v = _as_finite_vector(values, "bootstrap_ci")
+        if v.numel() != self.n:
+            raise ValueError(f"bootstrap_ci: the resamples are of {self.n} values, got {v.numel()}")
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"bootstrap_ci: confidence must be in (0, 1), got {confidence!r}")
+        means = self.weights @ v
+        alpha = (1.0 - confidence) / 2.0
+        lo, hi = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)).tolist()
+        # A constant vector's resample means are that constant up to rounding in the products: keep
+        # the interval inside the values' own range.
+        return max(lo, float(v.min())), min(hi, float(v.max()))
+
+
 def bootstrap_ci(
     values: Tensor | np.ndarray,
     *,
@@ -285,9 +330,9 @@ def bootstrap_ci(
 ) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean of ``values``.
 
-    Draws ``n_boot`` resamples of the values with replacement in one call (memory: ``n_boot * n``
-    int64 indices), takes each resample's mean and returns the ``(1 - confidence) / 2`` and
-    ``(1 + confidence) / 2`` quantiles of those means, linearly interpolated as ``numpy.quantile``
+    Draws ``n_boot`` resamples of the values with replacement (see :class:`Resamples`; memory:
+    ``n_boot * n`` float64 weights), takes each resample's mean and returns the ``(1 - confidence) / 2``
+    and ``(1 + confidence) / 2`` quantiles of those means, linearly interpolated as ``numpy.quantile``
     does.
 
     Args:
@@ -302,18 +347,9 @@ def bootstrap_ci(
         ValueError: on empty or non-finite values, or bad ``n_boot``/``confidence``.
     """
     v = _as_finite_vector(values, "bootstrap_ci")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"bootstrap_ci: n_boot must be a positive integer, got {n_boot!r}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"bootstrap_ci: confidence must be in (0, 1), got {confidence!r}")
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
-    n = v.numel()
-    idx = torch.randint(0, n, (n_boot, n), generator=generator)
-    means = v[idx].mean(dim=1)
-    alpha = (1.0 - confidence) / 2.0
-    lo, hi = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)).tolist()
-    return lo, hi
+    return Resamples(v.numel(), n_boot=n_boot, generator=generator).ci(v, confidence=confidence)
 
 
 def summarize(
@@ -322,14 +358,20 @@ def summarize(
     generator: torch.Generator | None = None,
     n_boot: int = 1000,
     confidence: float = 0.95,
+    resamples: Resamples | None = None,
 ) -> MetricSummary:
     """Mean, bootstrap confidence interval, worst (maximum) value and count of ``values``.
 
     ``worst`` is the maximum: the most recognizable sample for the similarity metrics here. The
-    arguments are as for :func:`bootstrap_ci`; empty or non-finite values raise ``ValueError``.
+    arguments are as for :func:`bootstrap_ci`; with ``resamples`` (drawn for this many values), the
+    interval comes from those and ``generator`` and ``n_boot`` are not used. Empty or non-finite
+    values raise ``ValueError``.
     """
     v = _as_finite_vector(values, "summarize")
-    ci = bootstrap_ci(v, n_boot=n_boot, confidence=confidence, generator=generator)
+    if resamples is None:
+        ci = bootstrap_ci(v, n_boot=n_boot, confidence=confidence, generator=generator)
+    else:
+        ci = resamples.ci(v, confidence=confidence)
     return MetricSummary(mean=float(v.mean()), ci=ci, worst=float(v.max()), n=v.numel())
 
 

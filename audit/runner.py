@@ -36,17 +36,20 @@ from audit.cache import Cache, key_of
 from audit.costs import (
     bytes_per_sample, defense_latency_ms, head_flops, head_latency_ms, training_thread_count, training_threads,
 )
-from audit.cuts import Discovery, capture, discover_cuts, predict, run_model
+from audit.cuts import Discovery, capture, discover_cuts, predict, predict_each, run_model
 from audit.data import Splits, data_hash, load_data, make_splits
 from audit.errors import DataError, ModelError, SpecError, UserError
 from audit.executors import make_executor
 from audit.jobs import N_GRID, N_WORST, Activations, JobInputs, JobOutput, JobSpec, Scores, job_generator
-from audit.metrics import most_recognizable, psnr, ssim, summarize
+from audit.metrics import Resamples, most_recognizable, psnr, ssim, summarize
 from audit.models import BUILTIN_MODELS, build_user_model, builtin_cache_key, load_weights, state_hash
 from audit.progress import Reporter
 from audit.results import AuditResult, CutInfo, ResultRow
 from audit.specs import parse_model_spec
 from defenses.base import Defense, PrepareContext, make_defense
+
+ACT_CACHE_ALWAYS_BYTES = 4 << 20  # activations this small are cached whatever their head costs
+ACT_CACHE_FLOPS_PER_BYTE = 25  # larger ones only when their head costs at least this per byte
 
 PROFILES: dict[str, dict[str, Any]] = {
     # max_aux caps the attacker's data; draws: how many draws of a stochastic defense utility averages
@@ -279,6 +282,8 @@ class _Grid:
         picked = [self.discovery.get(c) for c in cfg.cuts] if cfg.cuts else list(self.discovery.cuts)
         self.cuts = list({c.name: c for c in picked}.values())  # a cut named twice (or by an alias) is audited once
         self.clean_pred = self._predict(self.model)
+        # Every row's intervals come from the same resamples of the evaluation images (a paired bootstrap).
+        self.resamples = Resamples(self.x_eval.shape[0], generator=job_generator(cfg.seed, "bootstrap"))
         # The no-information baseline: the mean aux image, scored like a reconstruction.
         prior = self.x_aux.mean(dim=0, keepdim=True).expand_as(self.x_eval)
         self.baseline_ssim = float(ssim(prior, self.x_eval).mean())
@@ -318,12 +323,24 @@ class _Grid:
             return x, f"{aux.n} uniform random inputs (the attacker has no data of its own)"
         return aux.x, what
 
-    def _predict(self, model, cut=None, transform=None) -> torch.Tensor | None:
+    def _predict(self, model) -> torch.Tensor | None:
         try:
-            return predict(model, self.x_eval, cut=cut, transform=transform)
+            return predict(model, self.x_eval)
         except ModelError as exc:
             self.notes.append(f"accuracy not measured: {exc}")
             return None
+
+    def _predict_each(self, model, cut: str, transforms: list[Callable | None]) -> list[torch.Tensor | None]:
+        """Predictions with each transform applied at ``cut`` (None: the model as it is), sharing passes."""
+        try:
+            plain = None
+            if None in transforms:
+                plain = self.clean_pred if model is self.model and self.clean_pred is not None else predict(model, self.x_eval)
+            applied = iter(predict_each(model, self.x_eval, cut, [t for t in transforms if t is not None]))
+            return [plain if t is None else next(applied) for t in transforms]
+        except ModelError as exc:
+            self.notes.append(f"accuracy not measured: {exc}")
+            return [None] * len(transforms)
 
     # -- activations --
     def activations(self, model: nn.Module, model_hash: str, cut: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,7 +350,12 @@ class _Grid:
             return hit["aux"].to(self.device), hit["eval"].to(self.device)
         z_aux = capture(model, cut, self.x_aux)
         z_eval = capture(model, cut, self.x_eval)
-        self.cache.put("activations", key, {"aux": z_aux.cpu(), "eval": z_eval.cpu()})
+        # Kept only when reading them back beats computing them again: a large activation from a cheap
+        # head (LeNet's conv1: 38 MB from 12 FLOPs a byte) is recaptured in 80 ms, where saving it took
+        # 190 ms and loading it 100 ms (about 25 FLOPs of head per byte break even on a CPU).
+        nbytes = z_aux.nbytes + z_eval.nbytes
+        if nbytes < ACT_CACHE_ALWAYS_BYTES or self.flops(cut) >= ACT_CACHE_FLOPS_PER_BYTE * bytes_per_sample(tuple(z_eval.shape[1:])):
+            self.cache.put("activations", key, {"aux": z_aux.cpu(), "eval": z_eval.cpu()})
         return z_aux, z_eval
 
 
@@ -548,7 +570,7 @@ class _AttackGrid:
         self._open: dict[str, int] = {}  # cut -> jobs not finished
         self.on_cut_done: Callable[[str], None] | None = None  # called when the last job of a cut has ended
         self._deferred: list[tuple[JobSpec, Any]] = []  # (job, the output it waited for) held back for a fine-tuning
-        self._todo: list[tuple[str, Defense]] = []  # (cut, defense) whose utility is still to measure
+        self._todo: list[tuple[str, list[Defense]]] = []  # (cut, defenses) whose utility is still to measure
 
     # -- the job graph of one cut --
     def _specs(self, cut: str) -> list[tuple[str, JobSpec]]:
@@ -621,8 +643,8 @@ class _AttackGrid:
             else:  # the clean refinement waits for the base; adaptive ones for the clean one (their other candidate)
                 after = self.jobs[(cut, spec.attack, "base" if role == "clean" else "clean")]
                 self._waiting.setdefault(after.id, []).append(spec)
-        # Measured while the jobs run, one defense per pump (the next cuts' first jobs go out first).
-        self._todo += [(cut, d) for d in early]
+        # Measured while the jobs run, in a pump of their own (the next cuts' first jobs go out first).
+        self._todo.append((cut, early))
 
     def _add_acts(self, cut: str, defenses: list[Defense]) -> None:
         """Capture what each defense's model sends at ``cut`` (once per model) and share it with the jobs."""
@@ -636,25 +658,36 @@ class _AttackGrid:
                 by_model[hash_d] = (z_aux, self.ex.put(("acts", cut, hash_d), Activations(aux=z_aux, eval=z_eval)))
             inp["acts"][d.spec] = by_model[hash_d][1]
 
-    def _utility(self, cut: str, d: Defense) -> None:
-        """Accuracy and agreement of ``d`` at ``cut`` (and what the defense fitted there, for the row)."""
+    def _utility(self, cut: str, ds: list[Defense]) -> None:
+        """Accuracy and agreement of each of ``ds`` at ``cut`` (and what each defense fitted there, for
+        the row). The defenses that run the same model share its passes over the evaluation data."""
         g = self.g
-        model_d, hash_d, _ = self.prepared.get(d, cut)
+        pending: dict[str, tuple[nn.Module, list[tuple[Defense, str, Any]]]] = {}  # model hash -> (model, to measure)
         with g.phase("utility"):
-            d.fit(self._inputs[cut]["by_model"][hash_d][0])  # defenses are shared by the cuts: fitted right before use
-            self.defense_info[(cut, d.spec)] = d.info()
-            ukey = key_of("utility", hash_d, g.model_hash, g.data_hash, cut, d.spec, g.config.seed, g.config.profile)
-            hit = g.cache.get("utility", ukey)
-            # A defense that only changes the model predicts the same at every cut: measure it once.
-            same = (hash_d, d.spec) if type(d).apply is Defense.apply and not d.per_cut_model else None
-            if hit is None and same in self._same_utility:
-                hit = self._same_utility[same]
-            if hit is None:
-                hit = dict(zip(("accuracy", "agreement"), _utility(g, model_d, cut, d)))
-                g.cache.put("utility", ukey, hit)
-            if same is not None:
-                self._same_utility[same] = hit
-            self.utility[(cut, d.spec)] = hit
+            for d in ds:
+                model_d, hash_d, _ = self.prepared.get(d, cut)
+                d.fit(self._inputs[cut]["by_model"][hash_d][0])  # defenses are shared by the cuts: fitted right before use
+                self.defense_info[(cut, d.spec)] = d.info()
+                ukey = key_of("utility", hash_d, g.model_hash, g.data_hash, cut, d.spec, g.config.seed, g.config.profile)
+                hit = g.cache.get("utility", ukey)
+                # A defense that only changes the model predicts the same at every cut: measure it once.
+                same = (hash_d, d.spec) if type(d).apply is Defense.apply and not d.per_cut_model else None
+                if hit is None and same in self._same_utility:
+                    hit = self._same_utility[same]
+                if hit is None:
+                    pending.setdefault(hash_d, (model_d, []))[1].append((d, ukey, same))
+                else:
+                    self._record_utility(cut, d, hit, same)
+            for model_d, todo in pending.values():
+                for (d, ukey, same), (acc, agree) in zip(todo, _utility(g, model_d, cut, [d for d, _, _ in todo])):
+                    hit = {"accuracy": acc, "agreement": agree}
+                    g.cache.put("utility", ukey, hit)
+                    self._record_utility(cut, d, hit, same)
+
+    def _record_utility(self, cut: str, d: Defense, hit: dict, same) -> None:
+        if same is not None:
+            self._same_utility[same] = hit
+        self.utility[(cut, d.spec)] = hit
 
     def _submit(self, spec: JobSpec, base_state: dict | None = None, candidate: JobOutput | None = None) -> None:
         g = self.g
@@ -667,8 +700,7 @@ class _AttackGrid:
         missing = [self._defense(d) for d in dict.fromkeys((spec.defense, *spec.score)) if d not in inp["acts"]]
         if missing:  # a changed model's activations (not pumping: this may run inside _pump)
             self._add_acts(spec.cut, missing)
-            for d in missing:
-                self._utility(spec.cut, d)
+            self._utility(spec.cut, missing)
         self._keys[spec.id] = key = self._cache_key(spec, candidate is not None)
         hit = g.cache.get("attacks", key)
         acts = {d: inp["acts"][d] for d in {spec.defense, *spec.score}}
@@ -686,10 +718,9 @@ class _AttackGrid:
     def _pump(self, timeout: float = 0.2) -> None:
         self.prepared.raise_user_error()
         if self._todo:
-            cut, d = self._todo.pop(0)
-            self._utility(cut, d)
-            if all(c != cut for c, _ in self._todo):
-                self._closed_one(cut)  # the cut's last utility
+            cut, ds = self._todo.pop(0)
+            self._utility(cut, ds)
+            self._closed_one(cut)  # the cut's utilities
             timeout = 0
         if self._deferred:
             # Submit what a fine-tuning held back, once it has ended (or now, if nothing else runs).
@@ -884,21 +915,22 @@ def _merge_reports(base: dict, refine: dict) -> dict:
     return out
 
 
-def _utility(g: _Grid, model_d: nn.Module, cut: str, defense: Defense) -> tuple[float | None, float | None]:
-    """Accuracy and top-1 agreement with the undefended model, averaged over draws if stochastic."""
-    draws = g.profile["draws"] if defense.stochastic else 1
-    accs, agrees = [], []
-    for i in range(draws):
-        ugen = job_generator(g.config.seed, cut, defense.spec, "utility", i)
-        transform = None if defense.spec == "none" else (lambda z, _g=ugen: defense.apply(z, generator=_g))
-        pred = g._predict(model_d, cut if transform else None, transform)
-        if pred is None:
-            continue
-        if g.y_eval is not None:
-            accs.append(float((pred == g.y_eval).float().mean()))
-        if g.clean_pred is not None:
-            agrees.append(float((pred == g.clean_pred).float().mean()))
-    return (sum(accs) / len(accs) if accs else None, sum(agrees) / len(agrees) if agrees else None)
+def _utility(g: _Grid, model_d: nn.Module, cut: str, ds: list[Defense]) -> list[tuple[float | None, float | None]]:
+    """Per defense (all on ``model_d``): accuracy and top-1 agreement with the undefended model,
+    averaged over draws if stochastic. Every draw of every defense shares one pass over the data."""
+    draws: list[tuple[int, Callable | None]] = []  # (which defense, transform at the cut; None: the model as it is)
+    for k, d in enumerate(ds):
+        for i in range(g.profile["draws"] if d.stochastic else 1):
+            ugen = job_generator(g.config.seed, cut, d.spec, "utility", i)
+            draws.append((k, None if d.spec == "none" else (lambda z, _d=d, _g=ugen: _d.apply(z, generator=_g))))
+    preds = g._predict_each(model_d, cut, [t for _, t in draws])
+    out = []
+    for k in range(len(ds)):
+        mine = [p for (j, _), p in zip(draws, preds) if j == k and p is not None]
+        accs = [float((p == g.y_eval).float().mean()) for p in mine] if g.y_eval is not None else []
+        agrees = [float((p == g.clean_pred).float().mean()) for p in mine] if g.clean_pred is not None else []
+        out.append((sum(accs) / len(accs) if accs else None, sum(agrees) / len(agrees) if agrees else None))
+    return out
 
 
 def _defense_latencies(g: _Grid, cut: str, pairs: list[tuple[Defense, nn.Module]]) -> dict[str, tuple[float, float, float, float]]:
@@ -927,9 +959,8 @@ def _row(g: _Grid, common: dict, attack_name: str, adaptive: bool, scores: Score
             attack=attack_name, adaptive=adaptive, ssim=nan, ssim_ci=(nan, nan), psnr=nan, psnr_ci=(nan, nan), converged=False,
             status="failed", error=report.get("error"), flags=(f"attack failed: {report.get('error')}",), **common,
         )
-    gen = job_generator(g.config.seed, common["cut"], common["defense"], attack_name, "bootstrap")
-    s = summarize(scores.ssim, generator=gen)
-    p = summarize(scores.psnr, generator=gen)
+    s = summarize(scores.ssim, resamples=g.resamples)
+    p = summarize(scores.psnr, resamples=g.resamples)
     worst = most_recognizable(scores.ssim, N_WORST)
     images = None
     # Grids for every row an attacker would pick: undefended, and adaptive under a defense. The naive

@@ -1,11 +1,13 @@
 import math
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from audit.costs import bytes_per_sample, head_flops, head_latency_ms, tail_flops, tail_latency_ms
-from audit.cuts import capture, discover_cuts, forward_with, head_forward
+from audit.cuts import capture, discover_cuts, forward_with, head_forward, predict, predict_each
 from tests.tiny import TinyNet
 
 
@@ -125,3 +127,52 @@ def test_tail_latency_times_the_tail_not_the_head():
     assert tail > 5 * head
     # At the last layer there is (almost) nothing left to run.
     assert tail_latency_ms(net, "tail", x, repeats=9) < tail / 5
+
+
+def _noise(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return lambda z: z + 0.5 * torch.randn(z.shape, generator=gen)
+
+
+class BatchMixing(nn.Module):
+    """A tail that mixes samples: each output row depends on the whole batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        z = self.a(x)
+        return self.b(z - z.mean(dim=0, keepdim=True))
+
+
+@pytest.mark.parametrize("cut, shared", [("stem", True), ("block", True), ("block.bn", False), ("fc", True)])
+def test_predict_each_shares_the_head_only_where_the_tail_allows_it(cut, shared):
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    x = torch.rand(10, 1, 12, 12)
+    stem_calls = []
+    net.stem.register_forward_hook(lambda *a: stem_calls.append(1))
+    each = predict_each(net, x, cut, [_noise(1), _noise(2), lambda z: z.flip(0)], batch_size=4)
+    n_shared = len(stem_calls)
+    alone = [predict(net, x, cut=cut, transform=t, batch_size=4) for t in (_noise(1), _noise(2), lambda z: z.flip(0))]
+    for a, b in zip(each, alone):
+        assert torch.equal(a, b)  # the same noise draws, the same predictions
+    assert len({tuple(p.tolist()) for p in each}) > 1  # the transforms did differ
+    # Batches of 4, 4 and 2, after the two-sample check (one stacked pass, then one per transform):
+    # shared heads run once per batch; a skip connection across the cut (block.bn) fails the check.
+    assert n_shared == (4 + 3 if shared else 1 + 3 * 3)
+
+
+def test_predict_each_does_not_stack_a_tail_that_mixes_samples():
+    torch.manual_seed(0)
+    net = BatchMixing().eval()
+    x = torch.randn(8, 6)
+    calls = []
+    net.a.register_forward_hook(lambda *a: calls.append(1))
+    each = predict_each(net, x, "a", [_noise(1), _noise(2)], batch_size=8)
+    # The check (stacked, then the first change alone, which differs), then one pass per transform.
+    assert len(calls) == 2 + 2
+    alone = [predict(net, x, cut="a", transform=t, batch_size=8) for t in (_noise(1), _noise(2))]
+    assert all(torch.equal(a, b) for a, b in zip(each, alone))

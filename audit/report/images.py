@@ -41,7 +41,7 @@ def grid_png(
         if ssim is not None:
             draw.text((x0, label_h + 2 * (th + pad)), f"{float(ssim[idx]):.2f}", fill=(60, 60, 60))
     buf = io.BytesIO()
-    canvas.save(buf, format="PNG", optimize=True)
+    canvas.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
 
 
