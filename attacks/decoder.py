@@ -120,9 +120,14 @@ class InverseNet(nn.Module):
         )
 
     def forward(self, z):
+        return self.decode(self.unshuffle(z))
+
+    def decode(self, u):
+        """The decoder after its parameter-free input fold (``unshuffle``), which training applies
+        once to the whole aux set instead of to every batch of every epoch (8% of a first conv's time)."""
         # Channels-last from the stem on (a dense stem's reshape gives the default layout): every layer
         # after it then runs in one layout, without conversions (a quarter of a vector decoder's time).
-        y = self.up(self.stem(self.unshuffle(z)).contiguous(memory_format=torch.channels_last))
+        y = self.up(self.stem(u).contiguous(memory_format=torch.channels_last))
         if tuple(y.shape[-2:]) != self.work_hw:  # an activation coarser or finer than the ladder
             y = F.interpolate(y, size=self.work_hw, mode="bilinear", align_corners=False)
         y = self.head(y)
@@ -152,8 +157,8 @@ def _nhwc(t):
 
 
 def _mse(model, batch):
-    z, x = batch
-    return F.mse_loss(model(z), x)
+    u, x = batch  # activations already folded by the decoder's unshuffle
+    return F.mse_loss(model.decode(u), x)
 
 
 @register_attack("decoder")
@@ -209,6 +214,9 @@ class DecoderAttack:
                 lambda: InverseNet(tuple(z_aux.shape[1:]), tuple(x_aux.shape[1:]), self.width, full_res=self.full_res),
                 torch.Generator().manual_seed(seed), device=z_aux.device,
             ))
+            if attempt == 0:
+                with torch.no_grad():  # the same fold in every run: it has no parameters
+                    ut, uv = net.unshuffle(zt), net.unshuffle(zv)
             if init is not None and attempt == 0 and init.net is not None:
                 try:
                     net.load_state_dict(init.net.state_dict())
@@ -224,7 +232,7 @@ class DecoderAttack:
                     if ctx.on_epoch:
                         ctx.on_epoch(_off + ep, _off + epochs, va)
 
-                res = train(net, _mse, (zt, xt), config=cfg, generator=gen, val_data=(zv, xv), on_epoch=on_epoch)
+                res = train(net, _mse, (ut, xt), config=cfg, generator=gen, val_data=(uv, xv), on_epoch=on_epoch)
                 epochs_total += res.epochs_run
                 still_improving = (
                     not res.diverged
@@ -240,7 +248,7 @@ class DecoderAttack:
                 else:
                     notes.append(f"run {attempt + 1}: still improving after {epochs_total} epochs, resumed")
             runs += 1
-            val = evaluate(net, _mse, (zv, xv))
+            val = evaluate(net, _mse, (uv, xv))
             if res.diverged:
                 notes.append(f"run {attempt + 1}: loss diverged at lr={lr:g}, restarting with lr={lr / 3:g}")
                 lr /= 3

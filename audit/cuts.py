@@ -214,6 +214,7 @@ def _stacked(model: nn.Module, cut: str, x: torch.Tensor, transforms) -> list[to
     return list(out.split(n))
 
 
+@torch.no_grad()
 def _stacks(model: nn.Module, cut: str, x: torch.Tensor, k: int) -> bool:
     """Whether ``k`` activations stacked at ``cut`` come out of the tail as each would alone, tried on
     two samples with k different made-up changes to the activation, before any transform draws noise.

@@ -176,3 +176,17 @@ def test_predict_each_does_not_stack_a_tail_that_mixes_samples():
     assert len(calls) == 2 + 2
     alone = [predict(net, x, cut="a", transform=t, batch_size=8) for t in (_noise(1), _noise(2))]
     assert all(torch.equal(a, b) for a, b in zip(each, alone))
+
+
+def test_counting_flops_does_not_import_dynamo():
+    # torch's dispatch-mode wrapper would import torch._dynamo (1.4 s) on the audit's serial path.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\nfrom audit.costs import head_flops\nfrom tests.tiny import TinyNet\n"
+        "n = head_flops(TinyNet().eval(), 'stem', torch.rand(1, 1, 12, 12))\n"
+        "print(n, 'torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(2 * 4 * 1 * 9 * 144), "False"]
