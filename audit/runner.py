@@ -378,6 +378,8 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
     # on the undefended attacks, which need only the victim.
     prepared = _Prepared(g)
     prepared.start()
+    if config.out:  # the report's plotting library (0.9 s to import), loaded while the workers train
+        threading.Thread(target=_preload, args=("audit.report.html",), name="splitaudit-preload", daemon=True).start()
     interrupted = False
     try:
         with executor:
@@ -526,6 +528,14 @@ def _costs(g: _Grid) -> tuple[list[CutInfo], dict]:
             ))
         )
     return cut_infos, latency
+
+
+def _preload(module: str) -> None:
+    """Import ``module`` now, on a background thread; a failure shows where it is imported for use."""
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _changed_model_latency(g: _Grid, prepared: _Prepared, latency: dict, *, wait: bool) -> None:
