@@ -299,15 +299,11 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The console script.
 
-    It waits passively for OpenMP work (below), and ends with ``os._exit`` once the exit handlers have run and the output is flushed: the
+    It ends with ``os._exit`` once the exit handlers have run and the output is flushed: the
     interpreter's teardown of the modules an audit loads (torch, opacus, matplotlib) took 1.5 s of
     every run here, 0.5 s for torch alone. Everything an audit writes is renamed into place and synced
     by then, and the executors have shut their workers (and Ray) down.
     """
-    # OpenMP threads that spin while they wait take CPU from the attack jobs beside them: passive
-    # waiting made the quick demo 5 s faster on 2 cores (55.3 s against 60.0 s). Set before torch
-    # loads the OpenMP runtime, and only where the user has not chosen.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     code = main()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
