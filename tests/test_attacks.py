@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -98,3 +99,41 @@ def test_training_is_reproducible_with_the_same_generator():
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
+
+
+def test_fused_adam_updates_as_torch_adam_does():
+    from attacks.training import _FusedAdam
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 4 * 4, 2), nn.Linear(2, 2))
+    ours = copy.deepcopy(ref)
+    start = copy.deepcopy(ref)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=3e-3, weight_decay=1e-4, fused=True)
+    opt_ours = _FusedAdam(list(ours.parameters()), lr=3e-3, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(5):
+        x = torch.randn(8, 2, 6, 6, generator=gen)
+        for net, opt in ((ref, opt_ref), (ours, opt_ours)):
+            opt.zero_grad(set_to_none=True)
+            out = net[:4](x) if step % 2 else net(x)  # the last layer has no gradient every other step
+            out.square().mean().backward()
+            opt.step()
+        for a, b in zip(ref.parameters(), ours.parameters()):
+            assert torch.equal(a, b)
+    assert all(not torch.equal(a, b) for a, b in zip(ours.parameters(), start.parameters()))  # every weight moved
+
+
+def test_training_does_not_import_dynamo():
+    # torch.optim's step wrapper imports torch._dynamo (1.4 s); a built-in victim trains before anything else can run.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\nfrom attacks.training import TrainConfig, train\n"
+        "net = torch.nn.Linear(4, 1)\ndata = (torch.randn(32, 4), torch.randn(32, 1))\n"
+        "loss = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])\n"
+        "r = train(net, loss, data, config=TrainConfig(epochs=2, batch_size=8), generator=torch.Generator().manual_seed(0))\n"
+        "print(r.epochs_run, 'torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["2", "False"]
