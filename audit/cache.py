@@ -54,6 +54,10 @@ class Cache:
     def _path(self, kind: str, key: str) -> Path:
         return self.root / kind / f"{key}.pt"
 
+    def has(self, kind: str, key: str) -> bool:
+        """Whether an entry exists (not whether it is whole: :meth:`get` checks that)."""
+        return self.enabled and self._path(kind, key).is_file()
+
     def get(self, kind: str, key: str) -> Any | None:
         if not self.enabled:
             return None

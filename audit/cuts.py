@@ -161,6 +161,40 @@ def capture(model: nn.Module, cut: str, x: torch.Tensor, *, batch_size: int = 25
     return torch.cat(outs)
 
 
+@torch.no_grad()
+def capture_many(model: nn.Module, cuts: list[str], x: torch.Tensor, *, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """The activations at each of ``cuts`` for all of ``x``, from one pass per batch that stops at the
+    last of them to run. Each is copied when its module returns, so an in-place op after the cut (a
+    ``ReLU(inplace=True)``) does not change what was captured; what :func:`capture` returns for one cut."""
+    model.eval()
+    outs: dict[str, list[torch.Tensor]] = {c: [] for c in cuts}
+    left: set[str] = set()
+
+    def make_hook(cut):
+        def hook(module, inputs, output):
+            if cut in left:
+                outs[cut].append(output.detach().clone())
+                left.discard(cut)
+                if not left:
+                    raise _StopForward(output)
+        return hook
+
+    handles = [_module(model, c).register_forward_hook(make_hook(c)) for c in cuts]
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            left.update(cuts)
+            try:
+                run_model(model, x[i : i + batch_size])
+            except _StopForward:
+                pass
+            if left:
+                raise ModelError(f"cut {sorted(left)[0]!r} was not reached in the forward pass")
+    finally:
+        for h in handles:
+            h.remove()
+    return {c: torch.cat(v) for c, v in outs.items()}
+
+
 def forward_with(model: nn.Module, cut: str, x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The full model's output with the cut's activation replaced by ``transform(activation)``.
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from audit.costs import bytes_per_sample, head_flops, head_latency_ms, tail_flops, tail_latency_ms
-from audit.cuts import capture, discover_cuts, forward_with, head_forward, predict, predict_each
+from audit.cuts import capture, capture_many, discover_cuts, forward_with, head_forward, predict, predict_each
 from tests.tiny import TinyNet
 
 
@@ -190,3 +190,18 @@ def test_counting_flops_does_not_import_dynamo():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(2 * 4 * 1 * 9 * 144), "False"]
+
+
+def test_capture_many_is_capture_for_each_cut_in_one_pass():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(2 * 6 * 6, 3), nn.ReLU())
+    x = torch.randn(10, 1, 8, 8)
+    calls = []
+    net[0].register_forward_hook(lambda *a: calls.append(1))
+    tail = []
+    net[4].register_forward_hook(lambda *a: tail.append(1))
+    many = capture_many(net, ["3", "0"], x, batch_size=4)
+    assert len(calls) == 3 and tail == []  # one pass per batch, stopped after the last cut asked for
+    for cut in ("0", "3"):
+        torch.testing.assert_close(many[cut], capture(net, cut, x), rtol=0, atol=0)
+    assert (many["0"] < 0).any()  # captured before the in-place ReLU after it
