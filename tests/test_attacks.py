@@ -137,3 +137,20 @@ def test_training_does_not_import_dynamo():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["2", "False"]
+
+
+@pytest.mark.parametrize("act_shape", [(6, 28, 28), (16, 10, 10), (120,)])
+def test_folded_decoder_reconstructs_as_the_decoder_does(act_shape):
+    from attacks.decoder import _folded, _nhwc
+
+    torch.manual_seed(0)
+    net = _nhwc(InverseNet(act_shape, (1, 28, 28), 32))
+    for m in net.modules():  # running statistics and affine terms away from their initial values
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2), m.bias.data.uniform_(-1, 1)
+    net.eval()
+    folded = _folded(net)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.head.modules())
+    z = torch.randn(7, *act_shape)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(z), net(z), rtol=1e-5, atol=1e-6)
