@@ -367,7 +367,7 @@ class _Grid:
     def _captured(self, model: nn.Module, model_hash: str, cut: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``cut``'s activations of aux and evaluation images. One pass over the data captures the cuts
         after it too (those neither captured yet nor in the cache, up to ``PREFETCH_BYTES`` together),
-        held until asked for: LeNet's 11 cuts take one pass per model instead of one head each."""
+        held until asked for: LeNet's 11 cuts take two passes per model instead of one head each."""
         held = self._prefetched.setdefault(model_hash, {})
         if cut in held:
             return held.pop(cut)
@@ -375,7 +375,9 @@ class _Grid:
         names = [c.name for c in self.cuts]
         n = self.x_aux.shape[0] + self.x_eval.shape[0]
         group, total = [cut], 0
-        for c in self.cuts[names.index(cut) + 1:] if cut in names else []:
+        # A model's first cut is captured on its own: its jobs can start after its head alone, and the
+        # pass for the cuts after it runs beside them.
+        for c in self.cuts[names.index(cut) + 1:] if cut in names and done else []:
             if c.name in done or self.cache.has("activations", self._act_key(model_hash, c.name)):
                 continue
             total += 4 * n * c.numel  # float32
