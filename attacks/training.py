@@ -146,10 +146,10 @@ def train(
     opt: torch.optim.Optimizer | _FusedAdam
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    elif fused:
+    elif fused and all(p.device.type == "cpu" for p in params):
         opt = _FusedAdam(params, lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:  # CUDA keeps torch's optimizer, whose fused path was checked there (the import matters less beside a GPU)
+        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, **({"fused": True} if fused else {}))
     run_model = model
     loader: Iterable[Sequence[torch.Tensor]]
     if wrap is not None:
