@@ -21,14 +21,18 @@ class Task:
 
 
 class Reporter:
-    """Silent reporter; subclasses draw. ``open`` a task and ``close`` it, or use ``task`` as a context."""
+    """Silent reporter; subclasses draw. ``open`` a task and ``close`` it, or use ``task`` as a context.
 
-    def open(self, description: str, total: float | None = None) -> Task:
+    ``keep``: the task stays on screen once closed (a phase, an overall count); a task opened without
+    it (one attack job) leaves the screen when it ends, so the bars shown are the work in progress.
+    """
+
+    def open(self, description: str, total: float | None = None, *, keep: bool = False) -> Task:
         return Task()
 
     @contextmanager
-    def task(self, description: str, total: float | None = None):
-        t = self.open(description, total)
+    def task(self, description: str, total: float | None = None, *, keep: bool = False):
+        t = self.open(description, total, keep=keep)
         try:
             yield t
         finally:
@@ -51,6 +55,9 @@ class RichReporter(Reporter):
             TimeElapsedColumn(),
             console=self.console,
             transient=False,
+            # Redrawn 4 times a second, not rich's 10: with dozens of jobs the redraw took a share of a
+            # core from the attacks (1.8 s of the quick demo's samples, drawing for a non-terminal too).
+            refresh_per_second=4,
         )
 
     def __enter__(self):
@@ -60,7 +67,7 @@ class RichReporter(Reporter):
     def __exit__(self, *exc):
         self.progress.stop()
 
-    def open(self, description: str, total: float | None = None) -> Task:
+    def open(self, description: str, total: float | None = None, *, keep: bool = False) -> Task:
         tid = self.progress.add_task(description, total=total)
         progress = self.progress
 
@@ -77,6 +84,8 @@ class RichReporter(Reporter):
                 if t.total is not None:
                     progress.update(tid, completed=t.total)
                 progress.stop_task(tid)
+                if not keep:
+                    progress.update(tid, visible=False)
 
         return _T()
 

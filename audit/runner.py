@@ -131,7 +131,7 @@ def train_builtin(name: str, splits: Splits, *, seed: int, device: torch.device,
     check_model_accepts(model, victim.x[:2].to(device))
     gen = job_generator(seed, "victim", name)
     x = victim.x.to(device)
-    with reporter.task(f"training builtin:{name} on {victim.n} victim images", total=b.epochs) as task, training_threads(model, x):
+    with reporter.task(f"training builtin:{name} on {victim.n} victim images", total=b.epochs, keep=True) as task, training_threads(model, x):
         # Channels-last trains these small convolutions about a third faster; the model is handed back
         # in the default layout, the one a user's model has, so latency is timed as deployed.
         train(
@@ -362,7 +362,6 @@ class _Grid:
         if nbytes < ACT_CACHE_ALWAYS_BYTES or self.flops(cut) >= ACT_CACHE_FLOPS_PER_BYTE * bytes_per_sample(tuple(z_eval.shape[1:])):
             self.cache.put("activations", key, {"aux": z_aux.cpu(), "eval": z_eval.cpu()})
         return z_aux, z_eval
-
 
     def _captured(self, model: nn.Module, model_hash: str, cut: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``cut``'s activations of aux and evaluation images. One pass over the data captures the cuts
@@ -612,6 +611,7 @@ class _AttackGrid:
         self.on_cut_done: Callable[[str], None] | None = None  # called when the last job of a cut has ended
         self._deferred: list[tuple[JobSpec, Any]] = []  # (job, the output it waited for) held back for a fine-tuning
         self._todo: list[tuple[str, list[Defense]]] = []  # (cut, defenses) whose utility is still to measure
+        self._overall: Any = None  # the progress bar of all jobs
 
     # -- the job graph of one cut --
     def _specs(self, cut: str) -> list[tuple[str, JobSpec]]:
@@ -653,6 +653,8 @@ class _AttackGrid:
     def run(self) -> None:
         # Cuts whose activations are held at once: enough to keep every worker busy, few enough for memory.
         window = max(2, min(self.ex.workers + 1, MAX_CUTS_IN_FLIGHT))
+        n_jobs = sum(len(self._specs(c.name)) for c in self.g.cuts)
+        self._overall = self.g.reporter.open(f"attack jobs ({len(self.g.cuts)} cuts)", total=n_jobs, keep=True)
         for cut in self.g.cuts:
             # A cut whose next jobs wait for a fine-tuned model does not count: the workers take the
             # next cut's base fit meanwhile instead of idling.
@@ -661,6 +663,7 @@ class _AttackGrid:
             self._start_cut(cut.name)
         while self._handles or self._deferred or self._todo:
             self._pump()
+        self._overall.close()
 
     def plan(self, cut: str) -> list[tuple[str, JobSpec]]:
         """The jobs of ``cut``, registered in ``jobs`` (not submitted)."""
@@ -790,6 +793,8 @@ class _AttackGrid:
         task = self._tasks.pop(spec.id, None)  # a job failed before it was submitted has none
         if task is not None:
             task.close()
+        if self._overall is not None:
+            self._overall.advance()
         if isinstance(out, JobOutput) and out.state is not None and not out.report.get("cached"):
             self.g.cache.put("attacks", self._keys[spec.id], {"state": out.state, "report": out.report})
         for dep in self._waiting.pop(spec.id, []):
@@ -1107,7 +1112,7 @@ def _prepare_model(g: _Grid, defense: Defense, cut: str | None, model: nn.Module
         # is the same in every run (no other thread draws from it: attacks build their modules with
         # generators of their own).
         cuda = [g.device] if g.device.type == "cuda" else []
-        with g.reporter.task(f"{defense.spec}: fine-tuning the model") as task, torch.random.fork_rng(devices=cuda):
+        with g.reporter.task(f"{defense.spec}: fine-tuning the model", keep=True) as task, torch.random.fork_rng(devices=cuda):
             seed = int(torch.randint(0, 2**62, (1,), generator=job_generator(g.config.seed, defense.spec, cut, "rng")))
             torch.default_generator.manual_seed(seed)
             if cuda:

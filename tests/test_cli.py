@@ -149,3 +149,24 @@ def test_folder_of_pngs_is_accepted_by_cuts(capsys, tmp_path):
     code, out, err = run(capsys, "cuts", "--model", TINY, "--data", str(tmp_path / "imgs"), "--json")
     assert code == 0, err
     assert json.loads(out)[0]["shape"] == [4, 12, 12]
+
+
+def test_progress_keeps_phases_on_screen_and_drops_finished_jobs():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from audit.progress import RichReporter
+
+    buf = StringIO()
+    with RichReporter(Console(file=buf, width=120)) as reporter:
+        with reporter.task("training builtin:lenet", total=2, keep=True) as task:
+            task.advance(2)
+        job = reporter.open("conv1: decoder on clean activations", total=3)
+        job.update(3)
+        job.close()
+        running = reporter.open("relu1: decoder on clean activations", total=3)
+    shown = buf.getvalue()
+    assert "training builtin:lenet" in shown and "relu1: decoder" in shown  # a phase, and a job still running
+    assert "conv1: decoder" not in shown  # a finished job leaves the screen
+    running.close()

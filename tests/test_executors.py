@@ -136,7 +136,7 @@ class _InterruptAfter(Reporter):
     def __init__(self, n):
         self.n, self.opened = n, 0
 
-    def open(self, description, total=None):
+    def open(self, description, total=None, **kw):
         if "clean activations" in description or "adapted" in description or "refined" in description:
             self.opened += 1
             if self.opened == self.n:
