@@ -408,8 +408,10 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
     # on the undefended attacks, which need only the victim.
     prepared = _Prepared(g)
     prepared.start()
-    if config.out:  # the report's plotting library (0.9 s to import), loaded while the workers train
-        threading.Thread(target=_preload, args=("audit.report.html",), name="splitaudit-preload", daemon=True).start()
+    warming = None
+    if config.out:  # the report's libraries (1.4 s to import and warm up), readied while the workers train
+        warming = threading.Thread(target=_warm_report, args=(config.threshold,), name="splitaudit-warm-report", daemon=True)
+        warming.start()
     interrupted = False
     try:
         with executor:
@@ -430,6 +432,8 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
         prepared.cancel()  # no fine-tuning left running behind an error
         raise
     rows = rows.all()
+    if warming is not None:
+        warming.join()  # pyplot is not thread-safe: the report is drawn after the warm-up, never beside it
     result = _result(g, config, cut_infos, rows, t_start, interrupted)
     if interrupted:
         raise AuditInterrupted(result)
@@ -560,10 +564,13 @@ def _costs(g: _Grid) -> tuple[list[CutInfo], dict]:
     return cut_infos, latency
 
 
-def _preload(module: str) -> None:
-    """Import ``module`` now, on a background thread; a failure shows where it is imported for use."""
+def _warm_report(threshold: float) -> None:
+    """Import and warm up the report's libraries, on a background thread; a failure shows when the
+    report is written."""
     try:
-        importlib.import_module(module)
+        from audit.report.html import warm
+
+        warm(threshold)
     except Exception:  # noqa: BLE001
         pass
 

@@ -86,6 +86,16 @@ def _to_uri(fig: Figure) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def warm_plots() -> None:
+    """Draw a tiny figure and throw it away: the first SVG of a process loads fonts and fills caches."""
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(2, 1))
+        ax.plot([0, 1], [0, 1], label="x")
+        ax.set_title("x")
+        ax.legend()
+        _to_uri(fig)
+
+
 def leakage_curve(
     cuts: Sequence[str],
     series: dict[str, list[CurvePoint]],
