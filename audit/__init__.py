@@ -3,4 +3,4 @@
 The orchestration package. ``attacks`` and ``defenses`` plug into it through registries.
 """
 
-__version__ = "0.2.0"  # in every cache key: a release that trains differently never reads an older result
+__version__ = "0.3.0"  # in every cache key: a release that trains differently never reads an older result

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -75,27 +74,12 @@ SMALL_MODEL_FLOPS = 10e6
 
 
 def training_thread_count(model: nn.Module, sample: torch.Tensor) -> int:
-    """One intra-op thread for a small model on a CPU (see :func:`training_threads`), else all."""
+    """Intra-op threads for training ``model`` beside the attack jobs (a defense's fine-tuning): one
+    for a model under 10 MFLOPs per sample on a CPU (LeNet: 0.8), whose small ops would only hand work
+    between threads while the jobs keep every core busy; all of them for a larger one."""
     if sample.device.type == "cpu" and head_flops(model, None, sample[:1]) < SMALL_MODEL_FLOPS:
         return 1
     return torch.get_num_threads()
-
-
-@contextmanager
-def training_threads(model: nn.Module, sample: torch.Tensor) -> Iterator[int]:
-    """Intra-op threads for training ``model`` on a CPU while nothing else runs.
-
-    A model under 10 MFLOPs per sample (LeNet: 0.8) trains faster on one thread: at batch 64 a second
-    thread costs more in hand-offs than it saves (measured on 2 cores: 0.33 s per LeNet epoch on one
-    thread, 0.42-0.75 s on two; He et al.'s CIFAR net, 78 MFLOPs, takes 11 s on two and 16-19 s on one).
-    """
-    before = torch.get_num_threads()
-    n = training_thread_count(model, sample)
-    torch.set_num_threads(n)
-    try:
-        yield n
-    finally:
-        torch.set_num_threads(before)
 
 
 def median_ms(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 15, sync: Callable[[], None] | None = None) -> float:
