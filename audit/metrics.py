@@ -301,8 +301,8 @@ class Resamples:
         if generator is None:
             generator = torch.Generator().manual_seed(0)
         idx = torch.randint(0, n, (n_boot, n), generator=generator)
-        counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
-        self.n, self.weights = n, counts / n
+        one = torch.ones((), dtype=torch.float64).expand(n_boot, n)  # no memory of its own
+        self.n, self.weights = n, torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, one).div_(n)
 
     def ci(self, values: Tensor | np.ndarray, *, confidence: float = 0.95) -> tuple[float, float]:
         """Percentile interval of the mean of ``values`` over the resamples: the ``(1 - confidence) / 2``
@@ -331,7 +331,7 @@ def bootstrap_ci(
     """Percentile bootstrap confidence interval of the mean of ``values``.
 
     Draws ``n_boot`` resamples of the values with replacement (see :class:`Resamples`; memory:
-    ``n_boot * n`` float64 weights), takes each resample's mean and returns the ``(1 - confidence) / 2``
+    ``n_boot * n`` float64 weights, and as many int64 indices while drawing), takes each resample's mean and returns the ``(1 - confidence) / 2``
     and ``(1 + confidence) / 2`` quantiles of those means, linearly interpolated as ``numpy.quantile``
     does.
 

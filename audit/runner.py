@@ -259,6 +259,9 @@ class _Grid:
         specs = [d.spec for d in self.defenses]
         if len(set(specs)) != len(specs):
             raise SpecError(f"a defense is given twice: {', '.join(specs)}")
+        if "none" not in specs:  # the baseline every defense is compared with, and adaptive attacks start from
+            self.defenses.insert(0, make_defense("none"))
+            self.notes.append("defense 'none' added: the undefended model is the baseline every defense is compared with")
         for a in cfg.attacks:
             make_attack(a, profile=cfg.profile)
         with self.phase("data"):

@@ -167,3 +167,13 @@ def test_a_failed_fine_tuning_fails_only_its_own_rows(tmp_path, monkeypatch, att
     assert dp and all(r.status != "ok" and "fine-tuning crashed" in r.error for r in dp)
     assert others and all(r.status == "ok" for r in others), [(r.defense, r.adaptive, r.error) for r in others]
     assert all(r.latency_ms is None for r in dp) and all(r.latency_ms is not None for r in others)
+
+
+def test_a_defense_list_without_none_gets_the_undefended_baseline(tmp_path):
+    npz = write_tiny_npz(tmp_path / "d.npz", n=100)
+    result = run_audit(AuditConfig(model="tests/tiny.py:build", data=str(npz), cuts=("stem",), defenses=("noise:sigma=1",),
+                                   profile="quick", use_cache=False))
+    by = {(r.defense, r.adaptive): r for r in result.results}
+    assert set(by) == {("none", False), ("noise:sigma=1,kind=gaussian", False), ("noise:sigma=1,kind=gaussian", True)}
+    assert all(r.status == "ok" for r in result.results)
+    assert any("defense 'none' added" in n for n in result.notes)
