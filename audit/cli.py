@@ -302,7 +302,9 @@ def entry() -> None:
     It ends with ``os._exit`` once the exit handlers have run and the output is flushed: the
     interpreter's teardown of the modules an audit loads (torch, opacus, matplotlib) took 1.5 s of
     every run here, 0.5 s for torch alone. Everything an audit writes is renamed into place and synced
-    by then, and the executors have shut their workers (and Ray) down.
+    by then, and the executors have shut their workers (and Ray) down. After an error or Ctrl-C a
+    defense's fine-tuning thread may still be running; it ends with the process (its cache writes are
+    atomic, so it leaves no half entry).
     """
     code = main()
     atexit._run_exitfuncs()

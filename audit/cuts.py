@@ -234,7 +234,9 @@ def _stacked(model: nn.Module, cut: str, x: torch.Tensor, transforms) -> list[to
     n, k = x.shape[0], len(transforms)
 
     def hook(module, inputs, output):
-        return torch.cat([t(output) for t in transforms])
+        # Each transform gets an activation of its own, as in one pass per transform: one that works
+        # in place must not change what the next one sees.
+        return torch.cat([t(output if i == k - 1 else output.clone()) for i, t in enumerate(transforms)])
 
     handle = _module(model, cut).register_forward_hook(hook)
     try:
@@ -279,7 +281,9 @@ def predict_each(model: nn.Module, x: torch.Tensor, cut: str, transforms, *, bat
     Where the model allows it (see :func:`_stacks`), the transforms share each batch's head and the
     tail runs on them stacked; otherwise the model runs once per transform. Each transform is applied
     to the same batches in the same order either way, so one that draws noise from a generator of its
-    own draws the same noise, and the predictions are those of one pass per transform.
+    own draws the same noise, and the predictions are those of one pass per transform. One exception:
+    a stacked pass that passed the check and still fails on a full batch (out of memory, say) is not
+    tried again, and that batch's transforms run again one by one, drawing their noise a second time.
     """
     model.eval()
     transforms = list(transforms)
@@ -289,6 +293,7 @@ def predict_each(model: nn.Module, x: torch.Tensor, cut: str, transforms, *, bat
         xb = x[i : i + batch_size]
         outs = _stacked(model, cut, xb, transforms) if stack and xb.shape[0] >= 2 else None
         if outs is None:
+            stack = stack and xb.shape[0] < 2  # a full batch that failed stacked: the rest run one by one
             outs = [forward_with(model, cut, xb, t) for t in transforms]
         for p, out in zip(preds, outs):
             p.append(_top1(out))

@@ -6,6 +6,7 @@ tests and the pytest plugin pass the silent default.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 
 
@@ -32,7 +33,7 @@ class Reporter:
 
     @contextmanager
     def task(self, description: str, total: float | None = None, *, keep: bool = False):
-        t = self.open(description, total, keep=keep)
+        t = open_task(self, description, total, keep=keep)
         try:
             yield t
         finally:
@@ -40,6 +41,18 @@ class Reporter:
 
     def log(self, message: str) -> None:
         pass
+
+
+def open_task(reporter: Reporter, description: str, total: float | None = None, *, keep: bool = False) -> Task:
+    """``reporter.open``, with ``keep`` only where its ``open`` takes it: a reporter written before
+    ``keep`` existed (``open(description, total)``) still works, and keeps every task."""
+    try:
+        params = inspect.signature(reporter.open).parameters.values()
+    except (TypeError, ValueError):
+        params = ()
+    if any(p.name == "keep" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return reporter.open(description, total, keep=keep)
+    return reporter.open(description, total)
 
 
 class RichReporter(Reporter):

@@ -43,12 +43,12 @@ from audit.executors import make_executor
 from audit.jobs import N_GRID, N_WORST, Activations, JobInputs, JobOutput, JobSpec, Scores, job_generator
 from audit.metrics import Resamples, most_recognizable, psnr, ssim, summarize
 from audit.models import BUILTIN_MODELS, build_user_model, builtin_cache_key, load_weights, state_hash
-from audit.progress import Reporter
+from audit.progress import Reporter, open_task
 from audit.results import AuditResult, CutInfo, ResultRow
 from audit.specs import parse_model_spec
 from defenses.base import Defense, PrepareContext, make_defense
 
-PREFETCH_BYTES = 256 << 20  # activations captured ahead of their cut, at most
+PREFETCH_BYTES = 256 << 20  # activations one capture pass takes ahead of the cut asked for, at most
 ACT_CACHE_ALWAYS_BYTES = 4 << 20  # activations this small are cached whatever their head costs
 ACT_CACHE_FLOPS_PER_BYTE = 25  # larger ones only when their head costs at least this per byte
 
@@ -340,7 +340,9 @@ class _Grid:
             return None
 
     def _predict_each(self, model, cut: str, transforms: list[Callable | None]) -> list[torch.Tensor | None]:
-        """Predictions with each transform applied at ``cut`` (None: the model as it is), sharing passes."""
+        """Predictions with each transform applied at ``cut`` (None: the model as it is), sharing passes.
+        Where the shared passes fail, each transform is measured on its own: one defense the model
+        rejects leaves the others their numbers."""
         try:
             plain = None
             if None in transforms:
@@ -348,8 +350,10 @@ class _Grid:
             applied = iter(predict_each(model, self.x_eval, cut, [t for t in transforms if t is not None]))
             return [plain if t is None else next(applied) for t in transforms]
         except ModelError as exc:
+            if len(transforms) > 1:
+                return [self._predict_each(model, cut, [t])[0] for t in transforms]
             self.notes.append(f"accuracy not measured: {exc}")
-            return [None] * len(transforms)
+            return [None]
 
     # -- activations --
     def _act_key(self, model_hash: str, cut: str) -> str:
@@ -389,7 +393,15 @@ class _Grid:
             if total > PREFETCH_BYTES:
                 break
             group.append(c.name)
-        z_aux, z_eval = capture_many(model, group, self.x_aux), capture_many(model, group, self.x_eval)
+        try:
+            z_aux, z_eval = capture_many(model, group, self.x_aux), capture_many(model, group, self.x_eval)
+        except ModelError:
+            if len(group) == 1:
+                raise
+            # A later cut this pass did not reach (control flow that depends on the data) must not fail
+            # this one: it is captured alone, the later cuts when they are asked for.
+            group = [cut]
+            z_aux, z_eval = capture_many(model, group, self.x_aux), capture_many(model, group, self.x_eval)
         done.update(group)
         held.update({c: (z_aux[c], z_eval[c]) for c in group[1:]})
         return z_aux[cut], z_eval[cut]
@@ -667,7 +679,7 @@ class _AttackGrid:
         # Cuts whose activations are held at once: enough to keep every worker busy, few enough for memory.
         window = max(2, min(self.ex.workers + 1, MAX_CUTS_IN_FLIGHT))
         n_jobs = sum(len(self._specs(c.name)) for c in self.g.cuts)
-        self._overall = self.g.reporter.open(f"attack jobs ({len(self.g.cuts)} cuts)", total=n_jobs, keep=True)
+        self._overall = open_task(self.g.reporter, f"attack jobs ({len(self.g.cuts)} cuts)", n_jobs, keep=True)
         for cut in self.g.cuts:
             # A cut whose next jobs wait for a fine-tuned model does not count: the workers take the
             # next cut's base fit meanwhile instead of idling.

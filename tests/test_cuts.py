@@ -205,3 +205,17 @@ def test_capture_many_is_capture_for_each_cut_in_one_pass():
     for cut in ("0", "3"):
         torch.testing.assert_close(many[cut], capture(net, cut, x), rtol=0, atol=0)
     assert (many["0"] < 0).any()  # captured before the in-place ReLU after it
+
+
+def test_predict_each_gives_each_transform_an_activation_of_its_own():
+    # A defense written in place (z.mul_) must not change what the next transform sees.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(64, 6)
+
+    def transforms():
+        return [lambda z: z.mul_(-1.0), lambda z: z.neg(), lambda z: z.add_(1.0)]
+
+    each = predict_each(net, x, "0", transforms(), batch_size=32)
+    alone = [predict(net, x, cut="0", transform=t, batch_size=32) for t in transforms()]
+    assert all(torch.equal(a, b) for a, b in zip(each, alone))

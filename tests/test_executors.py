@@ -136,7 +136,7 @@ class _InterruptAfter(Reporter):
     def __init__(self, n):
         self.n, self.opened = n, 0
 
-    def open(self, description, total=None, **kw):
+    def open(self, description, total=None):  # written before `keep`: still accepted
         if "clean activations" in description or "adapted" in description or "refined" in description:
             self.opened += 1
             if self.opened == self.n:
@@ -301,3 +301,15 @@ def test_the_adaptive_selection_works_on_images_too_small_for_ssim():
     spec = JobSpec(cut="c", attack="decoder", defense="noise:sigma=1,kind=gaussian", kind="refine", profile="quick", seed=0, epochs=1)
     out = run_job(spec, JobInputs(**{**inputs.__dict__, "base_state": base.state, "candidate_state": base.state}))
     assert set(out.report["selection"]) == {"refined_holdout_neg_mse", "undefended_holdout_neg_mse"}
+
+
+def test_a_reporter_written_before_keep_still_works(npz):
+    opened = []
+
+    class Old(Reporter):
+        def open(self, description, total=None):  # no `keep`
+            opened.append(description)
+            return Task()
+
+    result = run_audit(_config(npz, cuts=("stem",), defenses=("none",), workers=1), reporter=Old())
+    assert result.results and any(d.startswith("attack jobs") for d in opened)

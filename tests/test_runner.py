@@ -177,3 +177,33 @@ def test_a_defense_list_without_none_gets_the_undefended_baseline(tmp_path):
     assert set(by) == {("none", False), ("noise:sigma=1,kind=gaussian", False), ("noise:sigma=1,kind=gaussian", True)}
     assert all(r.status == "ok" for r in result.results)
     assert any("defense 'none' added" in n for n in result.notes)
+
+
+def test_a_defense_the_model_rejects_leaves_the_others_their_utility(tmp_path):
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from defenses.base import DEFENSES, Defense, register_defense
+
+    @dataclasses.dataclass(frozen=True)
+    class _Cfg:
+        pass
+
+    @register_defense("halvefortest")
+    class _Halve(Defense):  # pools the activation 2x: the tail cannot take it
+        Config = _Cfg
+
+        def apply(self, z, *, generator):
+            return F.avg_pool2d(z, 2)
+
+    try:
+        npz = write_tiny_npz(tmp_path / "d.npz", n=100)
+        result = run_audit(AuditConfig(model="tests/tiny.py:build", data=str(npz), cuts=("stem",),
+                                       defenses=("none", "noise:sigma=1", "halvefortest"), profile="quick", use_cache=False))
+    finally:
+        DEFENSES.pop("halvefortest", None)
+    by = {r.defense.split(":")[0]: r for r in result.results if not r.adaptive}
+    assert by["none"].accuracy is not None and by["none"].agreement == 1.0
+    assert by["noise"].accuracy is not None and by["noise"].agreement is not None
+    assert by["halvefortest"].accuracy is None and any("accuracy not measured" in n for n in result.notes)
