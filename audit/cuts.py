@@ -156,16 +156,14 @@ def head_forward(model: nn.Module, cut: str, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def capture(model: nn.Module, cut: str, x: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
     """The activations at ``cut`` for all of ``x``, batch by batch, on ``x``'s device."""
-    model.eval()
-    outs = [head_forward(model, cut, x[i : i + batch_size]).detach().clone() for i in range(0, x.shape[0], batch_size)]
-    return torch.cat(outs)
+    return capture_many(model, [cut], x, batch_size=batch_size)[cut]
 
 
 @torch.no_grad()
 def capture_many(model: nn.Module, cuts: list[str], x: torch.Tensor, *, batch_size: int = 256) -> dict[str, torch.Tensor]:
     """The activations at each of ``cuts`` for all of ``x``, from one pass per batch that stops at the
     last of them to run. Each is copied when its module returns, so an in-place op after the cut (a
-    ``ReLU(inplace=True)``) does not change what was captured; what :func:`capture` returns for one cut."""
+    ``ReLU(inplace=True)``) does not change what was captured. :func:`capture` is this for one cut."""
     model.eval()
     outs: dict[str, list[torch.Tensor]] = {c: [] for c in cuts}
     left: set[str] = set()
