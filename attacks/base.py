@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from audit.errors import SpecError
+from splitaudit.errors import SpecError
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from attacks.base import AttackContext, FitReport, build_module, register_attack
-from attacks.training import TrainConfig, evaluate, train
-from audit.specs import build_config, param
+from splitaudit.attacks.base import AttackContext, FitReport, build_module, register_attack
+from splitaudit.attacks.training import TrainConfig, evaluate, train
+from splitaudit.specs import build_config, param
 
 
 @dataclass(frozen=True)

@@ -61,10 +61,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.base import AttackContext, FitReport, register_attack
-from audit.errors import SpecError
-from audit.metrics import ssim
-from audit.specs import build_config, param
+from splitaudit.attacks.base import AttackContext, FitReport, register_attack
+from splitaudit.errors import SpecError
+from splitaudit.metrics import ssim
+from splitaudit.specs import build_config, param
 
 
 @dataclass(frozen=True)

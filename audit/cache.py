@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from audit.results import atomic_write_bytes
+from splitaudit.results import atomic_write_bytes
 
 
 def default_cache_dir() -> Path:
@@ -28,7 +28,7 @@ def default_cache_dir() -> Path:
 
 def key_of(*parts: Any) -> str:
     """A stable hash of strings, numbers and nested tuples/dicts of them."""
-    from audit import __version__
+    from splitaudit import __version__
 
     h = hashlib.sha256(__version__.encode())
     for p in parts:

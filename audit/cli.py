@@ -22,7 +22,7 @@ try:  # typer >= 0.25 vendors click
     from typer._click import exceptions as _cx
 except ImportError:  # pragma: no cover - older typer on top of click
     import click.exceptions as _cx
-from audit.errors import UserError
+from splitaudit.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Privacy leakage auditor for split inference.")
 out_console = Console()
@@ -71,7 +71,7 @@ def _load_plan_profile(ref: str | None):
     """Load (and so validate) a plan profile before any long work; None when not asked for."""
     if ref is None:
         return None
-    from audit.plan import load_profile
+    from splitaudit.plan import load_profile
 
     return load_profile(ref)
 
@@ -80,7 +80,7 @@ def _with_plan(result, profile):
     """``result`` with the plan for ``profile`` under its extra top-level key ``plan``."""
     from dataclasses import replace
 
-    from audit.plan import make_plan
+    from splitaudit.plan import make_plan
 
     return replace(result, plan=make_plan(result, profile).to_dict())
 
@@ -107,9 +107,9 @@ def _run_options(profile, device, seed, out, no_cache, cache_dir, executor, work
 
 
 def _run_and_render(config, plan_profile: str | None = None) -> None:
-    from audit.progress import RichReporter
-    from audit.report.console import print_audit
-    from audit.runner import AuditInterrupted, run_audit
+    from splitaudit.progress import RichReporter
+    from splitaudit.report.console import print_audit
+    from splitaudit.runner import AuditInterrupted, run_audit
 
     profile = _load_plan_profile(plan_profile)
     try:
@@ -122,7 +122,7 @@ def _run_and_render(config, plan_profile: str | None = None) -> None:
         raise typer.Exit(130) from None
     print_audit(result, out_console)
     if profile is not None:
-        from audit.report.html import write_report
+        from splitaudit.report.html import write_report
 
         result = _with_plan(result, profile)
         if config.out:  # the audit wrote both files already; write them again with the plan in
@@ -148,7 +148,7 @@ def demo(
     plan_profile: PlanProfileOpt = None,
 ) -> None:
     """Audit builtin:lenet on builtin:mnist at every cut with the default defenses."""
-    from audit.runner import AuditConfig
+    from splitaudit.runner import AuditConfig
 
     _run_and_render(
         AuditConfig(
@@ -182,7 +182,7 @@ def audit(
     plan_profile: PlanProfileOpt = None,
 ) -> None:
     """Audit a model at every (or the given) cut: leakage, costs, defenses."""
-    from audit.runner import AuditConfig
+    from splitaudit.runner import AuditConfig
 
     _run_and_render(
         AuditConfig(
@@ -203,8 +203,8 @@ def cuts(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """List the candidate cut points: shape, bytes per sample, head FLOPs and latency."""
-    from audit.report.console import cuts_table
-    from audit.runner import list_cuts
+    from splitaudit.report.console import cuts_table
+    from splitaudit.runner import list_cuts
 
     shape = None
     if input_shape is not None:
@@ -226,8 +226,8 @@ def report(
     plan_profile: Annotated[Optional[str], typer.Option(help=PLAN_PROFILE_HELP + "; results.json is not changed")] = None,
 ) -> None:
     """Render the HTML report again from saved results."""
-    from audit.report.html import write_report
-    from audit.results import AuditResult
+    from splitaudit.report.html import write_report
+    from splitaudit.results import AuditResult
 
     profile = _load_plan_profile(plan_profile)
     result = AuditResult.load(results)
@@ -255,9 +255,9 @@ def plan(
     show_all: Annotated[bool, typer.Option("--all", help="list every candidate, not only the Pareto front")] = False,
 ) -> None:
     """Where to cut: latency, cost, leakage and accuracy of every placement for a deployment; exit 1 when no placement meets the limits."""
-    from audit.plan import constraints_from_flags, load_profile, make_plan
-    from audit.report.console import print_plan
-    from audit.results import AuditResult, _jsonable
+    from splitaudit.plan import constraints_from_flags, load_profile, make_plan
+    from splitaudit.report.console import print_plan
+    from splitaudit.results import AuditResult, _jsonable
 
     prof = load_profile(profile).with_link(bandwidth=bandwidth, rtt=rtt)
     flags = constraints_from_flags(max_ssim=max_ssim, max_latency_ms=max_latency_ms, max_cost=max_cost, min_accuracy=min_accuracy,
@@ -272,7 +272,7 @@ def plan(
         raise typer.Exit(1)
 
 
-from audit.gate import gate_cli  # noqa: E402
+from splitaudit.gate import gate_cli  # noqa: E402
 app.command("gate")(gate_cli)
 
 

@@ -23,8 +23,8 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from audit.cuts import _module, _StopForward, head_forward, run_model
-from audit.errors import ModelError
+from splitaudit.cuts import _module, _StopForward, head_forward, run_model
+from splitaudit.errors import ModelError
 
 BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "int8": 1}
 

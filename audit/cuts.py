@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from audit.errors import ModelError, SpecError
+from splitaudit.errors import ModelError, SpecError
 
 
 class _StopForward(BaseException):

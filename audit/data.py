@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from audit.errors import DataError, SpecError, UserError
+from splitaudit.errors import DataError, SpecError, UserError
 
 __all__ = [
     "BUILTIN_DATA",

@@ -1,7 +1,7 @@
 """Where the attack jobs run: threads of this process (``local``) or tasks on a Ray cluster (``ray``).
 
-An executor takes pure jobs (:func:`audit.jobs.run_job`) and hands back their outputs; the driver in
-``audit.runner`` decides what to submit, caches outputs and builds rows. The protocol is small:
+An executor takes pure jobs (:func:`splitaudit.jobs.run_job`) and hands back their outputs; the driver in
+``splitaudit.runner`` decides what to submit, caches outputs and builds rows. The protocol is small:
 
 - ``put(key, value)``: a shared input, stored once (Ray: the object store) and referenced by jobs;
 - ``release(cut)``: the shared inputs put for that cut (keys ``(kind, cut, ...)``) are no longer needed;
@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from audit.errors import UserError
-from audit.jobs import JobInputs, JobOutput, JobSpec, run_job
+from splitaudit.errors import UserError
+from splitaudit.jobs import JobInputs, JobOutput, JobSpec, run_job
 
 
 class JobCancelled(Exception):
@@ -122,7 +122,7 @@ def make_executor(name: str, *, workers: int, device: torch.device, ray_address:
     if name == "local":
         return LocalExecutor(workers or default_workers(device))
     if name == "ray":
-        from audit.ray_executor import RayExecutor
+        from splitaudit.ray_executor import RayExecutor
 
         return RayExecutor(address=ray_address, workers=workers, gpus_per_job=1.0 if device.type == "cuda" else 0.0)
     raise UserError(f"unknown executor {name!r}; choose local or ray")

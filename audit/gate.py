@@ -60,9 +60,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from audit.errors import UserError
-from audit.results import AuditResult, ResultRow, atomic_write_text
-from audit.specs import read_toml
+from splitaudit.errors import UserError
+from splitaudit.results import AuditResult, ResultRow, atomic_write_text
+from splitaudit.specs import read_toml
 
 CONFIG_FILE = "splitaudit.toml"
 DEFAULT_OUT = "splitaudit-gate"
@@ -161,7 +161,7 @@ class GateConfig:
 
     def audit_config(self, *, use_cache: bool = True, cache_dir: str | None = None, out: str | None = None, command: str | None = None):
         """The :class:`AuditConfig` that runs what this gate config describes."""
-        from audit.runner import AuditConfig
+        from splitaudit.runner import AuditConfig
 
         missing = [k for k in ("model", "data") if getattr(self, k) is None]
         if missing:
@@ -224,7 +224,7 @@ def _resolve_path(value: str, root: Path) -> str:
 
 
 def _resolve_model(spec: str, root: Path) -> str:
-    from audit.specs import parse_model_spec
+    from splitaudit.specs import parse_model_spec
 
     parsed = parse_model_spec(spec)  # a SpecError is a UserError: exit 2
     if parsed.kind == "file":
@@ -237,15 +237,15 @@ def _resolve_data(spec: str, root: Path) -> str:
 
 
 def _canonical_defense(spec: str) -> str:
-    import defenses  # noqa: F401  (registers defenses)
-    from defenses.base import make_defense
+    import splitaudit.defenses  # noqa: F401  (registers defenses)
+    from splitaudit.defenses.base import make_defense
 
     return make_defense(spec).spec
 
 
 def parse_gate_config(table: dict[str, Any], *, root: Path, where: str = CONFIG_FILE) -> GateConfig:
     """Validate a parsed TOML table strictly: every unknown key, wrong type or out-of-range value raises."""
-    from audit.runner import PROFILES
+    from splitaudit.runner import PROFILES
 
     if not isinstance(table, dict):
         raise UserError(f"{where} must be a table")
@@ -272,8 +272,8 @@ def parse_gate_config(table: dict[str, Any], *, root: Path, where: str = CONFIG_
         if not kw["defenses"]:
             raise UserError(f"defenses in {where} is empty; leave it out for the default [\"none\"]")
     if "attacks" in table:
-        import attacks  # noqa: F401  (registers attacks)
-        from attacks.base import ATTACKS
+        import splitaudit.attacks  # noqa: F401  (registers attacks)
+        from splitaudit.attacks.base import ATTACKS
 
         kw["attacks"] = _str_list(table["attacks"], "attacks", where)
         for a in kw["attacks"]:
@@ -655,8 +655,8 @@ def gate_cli(
         result = AuditResult.load(results)
         images_base = results.parent
     else:
-        from audit.progress import RichReporter
-        from audit.runner import run_audit
+        from splitaudit.progress import RichReporter
+        from splitaudit.runner import run_audit
 
         out_dir = out or (Path(gc.out) if gc.out else Path(DEFAULT_OUT))
         command = " ".join(shlex.quote(a) for a in ["splitaudit", *sys.argv[1:]])

@@ -6,7 +6,7 @@ activations of one or more defenses. Everything random in a job is drawn from ge
 (seed, cut, defense, attack, kind), so neither the order of jobs nor the place they run (a thread
 here, a Ray worker elsewhere) changes a number.
 
-The driver (``audit.runner``) builds the specs, resolves cache hits, and turns outputs into rows.
+The driver (``splitaudit.runner``) builds the specs, resolves cache hits, and turns outputs into rows.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-import attacks  # noqa: F401  (registers attacks)
-import defenses  # noqa: F401  (registers defenses)
-from attacks.base import AttackContext, make_attack
-from audit.cuts import head_forward
-from audit.metrics import most_recognizable, psnr, ssim
-from defenses.base import make_defense
+import splitaudit.attacks  # noqa: F401  (registers attacks)
+import splitaudit.defenses  # noqa: F401  (registers defenses)
+from splitaudit.attacks.base import AttackContext, make_attack
+from splitaudit.cuts import head_forward
+from splitaudit.metrics import most_recognizable, psnr, ssim
+from splitaudit.defenses.base import make_defense
 
 N_GRID = 8  # fixed eval samples shown in every image grid
 N_WORST = 5  # most recognizable samples shown

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from audit.errors import ModelError, SpecError
-from audit.specs import parse_model_spec
+from splitaudit.errors import ModelError, SpecError
+from splitaudit.specs import parse_model_spec
 
 
 class LeNet(nn.Module):
@@ -159,7 +159,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def builtin_cache_key(name: str, data_hash: str, in_channels: int, num_classes: int) -> str:
-    from audit import __version__
+    from splitaudit import __version__
 
     b = BUILTIN_MODELS[name]
     src = inspect.getsource(LeNet if name == "lenet" else CifarNet)

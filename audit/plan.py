@@ -43,9 +43,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from audit.errors import DataError, SpecError
-from audit.results import AuditResult, ResultRow
-from audit.specs import build_config, param, read_toml
+from splitaudit.errors import DataError, SpecError
+from splitaudit.results import AuditResult, ResultRow
+from splitaudit.specs import build_config, param, read_toml
 
 PRESETS_DIR = Path(__file__).parent / "plan_profiles"
 DEFAULT_PRESET = "phone-4g"

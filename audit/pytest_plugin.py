@@ -1,8 +1,8 @@
 """pytest plugin, registered through the ``pytest11`` entry point: options and thin fixtures only.
 
-The engine lives elsewhere: :func:`audit.runner.run_audit` audits, :mod:`audit.gate` judges. Use::
+The engine lives elsewhere: :func:`splitaudit.runner.run_audit` audits, :mod:`splitaudit.gate` judges. Use::
 
-    from audit.gate import assert_max_ssim
+    from splitaudit.gate import assert_max_ssim
 
     def test_split_does_not_leak(splitaudit_audit):
         result = splitaudit_audit(model="mypkg.model:build", data="tests/data.npz", cuts=["layer2"],
@@ -70,7 +70,7 @@ def splitaudit_audit(request, tmp_path):
     device="cpu")``. Each call writes results.json, report.html and the reconstruction images into a
     temporary folder; rows' ``images`` are absolute paths there.
     """
-    from audit.runner import AuditConfig, run_audit
+    from splitaudit.runner import AuditConfig, run_audit
 
     opts = request.config
     calls = {"n": 0}
@@ -88,7 +88,7 @@ def splitaudit_audit(request, tmp_path):
         result = run_audit(cfg)
         report_dir = opts.getoption("splitaudit_report")
         if report_dir:
-            from audit.report.html import write_report
+            from splitaudit.report.html import write_report
 
             name = re.sub(r"[^A-Za-z0-9._-]+", "_", request.node.nodeid).strip("_")[:150] + f"-{calls['n']}"
             target = Path(report_dir) / name

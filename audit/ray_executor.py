@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from audit.errors import UserError
-from audit.jobs import Activations, JobInputs, JobOutput, JobSpec, Scores, run_job
+from splitaudit.errors import UserError
+from splitaudit.jobs import Activations, JobInputs, JobOutput, JobSpec, Scores, run_job
 
 MAX_RETRIES = 2
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from audit.errors import DataError
+from splitaudit.errors import DataError
 
 SCHEMA = "splitaudit/1"
 

@@ -27,26 +27,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import attacks  # noqa: F401  (registers attacks)
-import defenses  # noqa: F401  (registers defenses)
-from attacks.base import ATTACKS, make_attack
-from attacks.training import TrainConfig, train
-from audit import __version__
-from audit.cache import Cache, key_of
-from audit.costs import (
+import splitaudit.attacks  # noqa: F401  (registers attacks)
+import splitaudit.defenses  # noqa: F401  (registers defenses)
+from splitaudit.attacks.base import ATTACKS, make_attack
+from splitaudit.attacks.training import TrainConfig, train
+from splitaudit import __version__
+from splitaudit.cache import Cache, key_of
+from splitaudit.costs import (
     bytes_per_sample, defense_latency_ms, head_flops, head_latency_ms, training_thread_count,
 )
-from audit.cuts import Discovery, capture, capture_many, discover_cuts, predict, predict_each, run_model
-from audit.data import Splits, data_hash, load_data, make_splits
-from audit.errors import DataError, ModelError, SpecError, UserError
-from audit.executors import make_executor
-from audit.jobs import N_GRID, N_WORST, Activations, JobInputs, JobOutput, JobSpec, Scores, job_generator
-from audit.metrics import Resamples, most_recognizable, psnr, ssim, summarize
-from audit.models import BUILTIN_MODELS, build_user_model, builtin_cache_key, load_weights, state_hash
-from audit.progress import Reporter, open_task
-from audit.results import AuditResult, CutInfo, ResultRow
-from audit.specs import parse_model_spec
-from defenses.base import Defense, PrepareContext, make_defense
+from splitaudit.cuts import Discovery, capture, capture_many, discover_cuts, predict, predict_each, run_model
+from splitaudit.data import Splits, data_hash, load_data, make_splits
+from splitaudit.errors import DataError, ModelError, SpecError, UserError
+from splitaudit.executors import make_executor
+from splitaudit.jobs import N_GRID, N_WORST, Activations, JobInputs, JobOutput, JobSpec, Scores, job_generator
+from splitaudit.metrics import Resamples, most_recognizable, psnr, ssim, summarize
+from splitaudit.models import BUILTIN_MODELS, build_user_model, builtin_cache_key, load_weights, state_hash
+from splitaudit.progress import Reporter, open_task
+from splitaudit.results import AuditResult, CutInfo, ResultRow
+from splitaudit.specs import parse_model_spec
+from splitaudit.defenses.base import Defense, PrepareContext, make_defense
 
 PREFETCH_BYTES = 256 << 20  # activations one capture pass takes ahead of the cut asked for, at most
 ACT_CACHE_ALWAYS_BYTES = 4 << 20  # activations this small are cached whatever their head costs
@@ -96,7 +96,7 @@ class AuditConfig:
         if not self.attacks:
             raise SpecError("no attack given; known attacks: " + ", ".join(sorted(ATTACKS)))
         if self.executor == "ray":
-            from audit.ray_executor import require_ray
+            from splitaudit.ray_executor import require_ray
 
             require_ray()
         if not 0 < self.threshold <= 1:
@@ -586,7 +586,7 @@ def _warm_report(threshold: float) -> None:
     """Import and warm up the report's libraries, on a background thread; a failure shows when the
     report is written."""
     try:
-        from audit.report.html import warm
+        from splitaudit.report.html import warm
 
         warm(threshold)
     except Exception:  # noqa: BLE001
@@ -884,7 +884,7 @@ class _Rows:
         self.by_cut: dict[str, list[ResultRow]] = {}
 
     def build(self, cut: str) -> None:
-        from audit.report.images import save_grid
+        from splitaudit.report.images import save_grid
 
         g, grid = self.g, self.grid
         info = next(c for c in g.cuts if c.name == cut)
@@ -965,7 +965,7 @@ def _result(g: _Grid, cfg: AuditConfig, cut_infos: list[CutInfo], rows: list[Res
     )
     if out is not None:
         result.save(out / "results.json")
-        from audit.report.html import write_report
+        from splitaudit.report.html import write_report
 
         write_report(result, out / "report.html", base=out)
     return result
@@ -1064,7 +1064,7 @@ def _flag_inversions(rows: list[ResultRow]) -> None:
     attack at the shallower cut under-performed; flag it rather than let it read as privacy. Noise,
     dropout or quantization applied at different cuts, and NoPeek's per-cut models, are not ordered.
     """
-    from defenses.base import DEFENSES
+    from splitaudit.defenses.base import DEFENSES
 
     order: dict[str, int] = {}
     for r in rows:
@@ -1106,7 +1106,7 @@ def _flag_inversions(rows: list[ResultRow]) -> None:
 
 
 def _changes_model(spec: str) -> bool:
-    from defenses.base import DEFENSES
+    from splitaudit.defenses.base import DEFENSES
 
     cls = DEFENSES.get(spec.split(":")[0])
     return cls is None or cls.changes_model
@@ -1152,7 +1152,7 @@ def _with_tail(g: _Grid, info: CutInfo) -> CutInfo:
     The first call also records the whole model's FLOPs and latency (batch 1) in ``model``: the
     planner's all-on-the-device and all-on-the-server placements.
     """
-    from audit.costs import model_latency_ms, tail_latency_ms
+    from splitaudit.costs import model_latency_ms, tail_latency_ms
 
     reps, sample1 = g.profile["latency_repeats"], g.x_eval[:1]
     with g.phase("latency"):
@@ -1191,7 +1191,7 @@ def list_cuts(model: str, *, weights: str | None = None, data: str | None = None
     net = net.to(dev).eval()
     sample = sample.to(dev)
     check_model_accepts(net, sample)
-    from audit.costs import tail_latency_ms
+    from splitaudit.costs import tail_latency_ms
 
     disc = discover_cuts(net, sample)
     full = head_flops(net, None, sample[:1])

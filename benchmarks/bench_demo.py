@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 def one(profile: str, cache_dir: str, out: str, executor: str = "local", workers: int = 0) -> tuple[float, dict]:
-    cmd = [sys.executable, "-m", "audit.cli", "demo", "--profile", profile, "--out", out, "--cache-dir", cache_dir,
+    cmd = [sys.executable, "-m", "splitaudit.cli", "demo", "--profile", profile, "--out", out, "--cache-dir", cache_dir,
            "--executor", executor, "--workers", str(workers)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)

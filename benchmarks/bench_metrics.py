@@ -20,7 +20,7 @@ import torch
 import torch.utils.benchmark as benchmark
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from audit.metrics import psnr, ssim
+from splitaudit.metrics import psnr, ssim
 
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 

@@ -14,7 +14,7 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD:${PYTHONPATH:-}
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/env.log"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -25
-( time python3 -m audit.cli demo --profile quick --device cuda --out /tmp/splitaudit-cuda-demo --cache-dir /tmp/splitaudit-cuda-cache ) > "$OUT/demo.log" 2>&1
+( time python3 -m splitaudit.cli demo --profile quick --device cuda --out /tmp/splitaudit-cuda-demo --cache-dir /tmp/splitaudit-cuda-cache ) > "$OUT/demo.log" 2>&1
 cp /tmp/splitaudit-cuda-demo/results.json "$OUT/demo_results.json" 2>/dev/null
 tail -30 "$OUT/demo.log"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests --deselect tests/test_cuda.py 2>&1 | tee "$OUT/tests_all.log" | tail -25

@@ -21,7 +21,7 @@ import platform
 import tempfile
 import time
 
-from audit.runner import AuditConfig, run_audit
+from splitaudit.runner import AuditConfig, run_audit
 
 # He et al. 2019, MNIST, Table 2 (inverse network) and Table 1 (rMLE): (SSIM, PSNR dB).
 PUBLISHED = {

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from audit.errors import SpecError
-from audit.specs import build_config, canonical_spec, parse_plugin_spec
+from splitaudit.errors import SpecError
+from splitaudit.specs import build_config, canonical_spec, parse_plugin_spec
 
 
 @dataclass

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.training import TrainConfig, train
-from audit.cuts import predict
-from audit.errors import ModelError, UserError
-from audit.specs import param
-from defenses.base import Defense, ModelChange, PrepareContext, register_defense
+from splitaudit.attacks.training import TrainConfig, train
+from splitaudit.cuts import predict
+from splitaudit.errors import ModelError, UserError
+from splitaudit.specs import param
+from splitaudit.defenses.base import Defense, ModelChange, PrepareContext, register_defense
 
 # RDP orders for the noise-multiplier search: few fractional ones, since those dominate its cost.
 SEARCH_ALPHAS = (1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0, 24.0, 32.0, 48.0, 64.0, 128.0, 256.0)

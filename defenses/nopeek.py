@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.training import TrainConfig, train
-from audit.cuts import capture
-from audit.errors import ModelError, SpecError, UserError
-from audit.specs import param
-from defenses.base import Defense, ModelChange, PrepareContext, register_defense
-from defenses.dpsgd import cpu_generator, eval_accuracy
+from splitaudit.attacks.training import TrainConfig, train
+from splitaudit.cuts import capture
+from splitaudit.errors import ModelError, SpecError, UserError
+from splitaudit.specs import param
+from splitaudit.defenses.base import Defense, ModelChange, PrepareContext, register_defense
+from splitaudit.defenses.dpsgd import cpu_generator, eval_accuracy
 
 DCOR_SAMPLES = 512  # eval inputs on which dCor before/after is reported (n x n distance matrices)
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from audit.specs import param
-from defenses.base import Defense, noise_like, register_defense
+from splitaudit.specs import param
+from splitaudit.defenses.base import Defense, noise_like, register_defense
 
 
 @dataclass(frozen=True)

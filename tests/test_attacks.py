@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks import AttackContext, make_attack
-from attacks.decoder import InverseNet, _standardizer
-from attacks.training import TrainConfig, train
-from audit.errors import SpecError
-from audit.metrics import ssim
+from splitaudit.attacks import AttackContext, make_attack
+from splitaudit.attacks.decoder import InverseNet, _standardizer
+from splitaudit.attacks.training import TrainConfig, train
+from splitaudit.errors import SpecError
+from splitaudit.metrics import ssim
 
 
 @pytest.mark.parametrize("act_shape", [(6, 12, 12), (4, 6, 6), (8, 3, 3), (16, 24, 24), (40,), (2, 5)])
@@ -102,7 +102,7 @@ def test_training_is_reproducible_with_the_same_generator():
 
 
 def test_fused_adam_updates_as_torch_adam_does():
-    from attacks.training import _FusedAdam
+    from splitaudit.attacks.training import _FusedAdam
 
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 4 * 4, 2), nn.Linear(2, 2))
@@ -141,7 +141,7 @@ def test_training_does_not_import_dynamo():
 
 @pytest.mark.parametrize("act_shape", [(6, 28, 28), (16, 10, 10), (120,)])
 def test_folded_decoder_reconstructs_as_the_decoder_does(act_shape):
-    from attacks.decoder import _folded, _nhwc
+    from splitaudit.attacks.decoder import _folded, _nhwc
 
     torch.manual_seed(0)
     net = _nhwc(InverseNet(act_shape, (1, 28, 28), 32))

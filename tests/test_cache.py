@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from audit.cache import Cache, key_of
-from audit.cli import main
-from audit.results import AuditResult
+from splitaudit.cache import Cache, key_of
+from splitaudit.cli import main
+from splitaudit.results import AuditResult
 
 TINY = Path(__file__).with_name("tiny.py")
 
@@ -32,7 +32,7 @@ def _valid(path: Path) -> bool:
 # the Cache on its own
 # ------------------------------------------------------------------------------------------------
 def test_key_depends_on_every_part_and_the_package_version(monkeypatch):
-    import audit
+    import splitaudit as audit
 
     k = key_of("act", "model-hash", "data-hash", 0, "quick", "stem")
     assert k == key_of("act", "model-hash", "data-hash", 0, "quick", "stem")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from audit.cli import main
-from audit.results import AuditResult
+from splitaudit.cli import main
+from splitaudit.results import AuditResult
 from tests.conftest import write_tiny_npz
 
 TINY = "tests/tiny.py:build"
@@ -156,7 +156,7 @@ def test_progress_keeps_phases_on_screen_and_drops_finished_jobs():
 
     from rich.console import Console
 
-    from audit.progress import RichReporter
+    from splitaudit.progress import RichReporter
 
     buf = StringIO()
     with RichReporter(Console(file=buf, width=120)) as reporter:

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from audit.cli import app
-from audit.runner import AuditConfig, run_audit
+from splitaudit.cli import app
+from splitaudit.runner import AuditConfig, run_audit
 from tests.conftest import write_tiny_npz
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

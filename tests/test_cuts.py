@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from audit.costs import bytes_per_sample, head_flops, head_latency_ms, tail_flops, tail_latency_ms
-from audit.cuts import capture, capture_many, discover_cuts, forward_with, head_forward, predict, predict_each
+from splitaudit.costs import bytes_per_sample, head_flops, head_latency_ms, tail_flops, tail_latency_ms
+from splitaudit.cuts import capture, capture_many, discover_cuts, forward_with, head_forward, predict, predict_each
 from tests.tiny import TinyNet
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from audit.data import (
+from splitaudit.data import (
     BANDS,
     BUILTIN_DATA,
     Dataset,
@@ -18,7 +18,7 @@ from audit.data import (
     make_splits,
     photos32_provenance,
 )
-from audit.errors import DataError, SpecError, UserError
+from splitaudit.errors import DataError, SpecError, UserError
 
 # ------------------------------------------------------------------------------------------------
 # helpers

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attacks.training import TrainConfig, train
-from audit.cuts import capture, discover_cuts
-from audit.errors import UserError
-from defenses import PrepareContext, make_defense
-from defenses.dpsgd import fix_model
-from defenses.nopeek import distance_correlation
+from splitaudit.attacks.training import TrainConfig, train
+from splitaudit.cuts import capture, discover_cuts
+from splitaudit.errors import UserError
+from splitaudit.defenses import PrepareContext, make_defense
+from splitaudit.defenses.dpsgd import fix_model
+from splitaudit.defenses.nopeek import distance_correlation
 from tests.conftest import write_tiny_npz
 from tests.tiny import TinyNet
 
@@ -197,7 +197,7 @@ def test_canonical_specs_carry_every_value():
 
 @pytest.mark.slow
 def test_audit_rows_carry_epsilon_and_the_swapped_layers(tmp_path):
-    from audit.runner import AuditConfig, run_audit
+    from splitaudit.runner import AuditConfig, run_audit
 
     npz = write_tiny_npz(tmp_path / "d.npz", n=300)
     result = run_audit(AuditConfig(

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from audit.jobs import Activations, JobInputs, JobSpec, run_job
-from audit.progress import Reporter, Task
-from audit.runner import NOT_RUN, AuditConfig, AuditInterrupted, run_audit
+from splitaudit.jobs import Activations, JobInputs, JobSpec, run_job
+from splitaudit.progress import Reporter, Task
+from splitaudit.runner import NOT_RUN, AuditConfig, AuditInterrupted, run_audit
 from tests.conftest import write_tiny_npz
 
 # A model whose forward fails while something differentiates through it with respect to the input:
@@ -100,7 +100,7 @@ def test_parallel_local_rows_equal_one_worker_rows_at_one_thread(npz):
 
 
 def test_a_failed_base_fit_fails_its_rows_and_the_audit_goes_on(npz, monkeypatch):
-    from attacks.decoder import DecoderAttack
+    from splitaudit.attacks.decoder import DecoderAttack
 
     fit, calls = DecoderAttack.fit, []
 
@@ -187,7 +187,7 @@ def test_a_ray_task_that_fails_once_is_retried(npz, ray_runtime, tmp_path):
 
 
 def test_a_ray_task_that_keeps_failing_is_reported_not_dropped(npz, ray_runtime, tmp_path):
-    from audit.ray_executor import MAX_RETRIES
+    from splitaudit.ray_executor import MAX_RETRIES
 
     path, counter = _flaky(tmp_path, fail_times=99)
     result = run_audit(_config(npz, model=f"{path}:build", attacks=("rmle",), cuts=("conv",), defenses=("none",), executor="ray"))
@@ -197,7 +197,7 @@ def test_a_ray_task_that_keeps_failing_is_reported_not_dropped(npz, ray_runtime,
 
 
 def test_executor_ray_without_ray_is_exit_2(monkeypatch, npz, capsys):
-    from audit.cli import main
+    from splitaudit.cli import main
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     code = main(["audit", "--model", "tests/tiny.py:build", "--data", str(npz), "--executor", "ray", "--profile", "quick", "--no-cache"])
@@ -240,7 +240,7 @@ def test_the_adaptive_attacker_keeps_the_undefended_one_when_it_rebuilds_defende
 
 
 def test_full_resolution_decoding_for_an_activation_at_the_inputs_resolution():
-    from attacks.decoder import InverseNet
+    from splitaudit.attacks.decoder import InverseNet
 
     z = torch.randn(4, 6, 28, 28)
     half, full = InverseNet((6, 28, 28), (1, 28, 28), 32), InverseNet((6, 28, 28), (1, 28, 28), 32, full_res=True)
@@ -275,8 +275,8 @@ def test_white_box_jobs_in_parallel_do_not_disturb_the_driver_or_each_other(npz)
 
 
 def test_a_running_white_box_job_stops_on_cancel():
-    from audit.cuts import capture
-    from audit.executors import JobCancelled, LocalExecutor
+    from splitaudit.cuts import capture
+    from splitaudit.executors import JobCancelled, LocalExecutor
     from tests.tiny import build
 
     model = build().eval()

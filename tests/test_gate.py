@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audit.cli import main
-from audit.errors import UserError
-from audit.gate import (
+from splitaudit.cli import main
+from splitaudit.errors import UserError
+from splitaudit.gate import (
     GateConfig,
     Rule,
     assert_max_ssim,
@@ -22,7 +22,7 @@ from audit.gate import (
     load_gate_config,
     parse_gate_config,
 )
-from audit.results import AuditResult, CutInfo, ResultRow
+from splitaudit.results import AuditResult, CutInfo, ResultRow
 
 NOISE = "noise:sigma=1,kind=gaussian"  # the canonical spec of noise:sigma=1
 TINY = Path(__file__).with_name("tiny.py")
@@ -314,8 +314,8 @@ def test_gate_exit_2_without_any_config(tmp_path, saved, capsys, monkeypatch):
 
 def test_gate_turns_flags_and_config_into_the_audit_config(tmp_path, monkeypatch, capsys):
     """--no-cache, --cache-dir and the config reach run_audit (without running one)."""
-    import audit.runner
-    from audit.progress import RichReporter
+    import splitaudit.runner
+    from splitaudit.progress import RichReporter
 
     seen = {}
 
@@ -323,7 +323,7 @@ def test_gate_turns_flags_and_config_into_the_audit_config(tmp_path, monkeypatch
         seen["cfg"], seen["reporter"] = cfg, reporter
         return result(row(ssim=0.1), row(defense=NOISE, ssim=0.05), cuts=("stem",))
 
-    monkeypatch.setattr(audit.runner, "run_audit", fake_run_audit)
+    monkeypatch.setattr(splitaudit.runner, "run_audit", fake_run_audit)
     monkeypatch.chdir(tmp_path)
     cfg = _write(tmp_path / "splitaudit.toml", 'model = "builtin:lenet"\ndata = "builtin:mnist"\ndefenses = ["none", "noise:sigma=1"]\n'
                  'seed = 3\ncache_dir = "from-config"\n[thresholds]\nmax_ssim = 0.25\n')

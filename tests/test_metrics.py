@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from audit import metrics
-from audit.metrics import (
+from splitaudit import metrics
+from splitaudit.metrics import (
     HIGHER_IS_BETTER,
     MetricSummary,
     bootstrap_ci,

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from audit.cli import main
-from audit.plan import (
+from splitaudit.cli import main
+from splitaudit.plan import (
     Constraints,
     DeviceSpec,
     LinkSpec,
@@ -25,7 +25,7 @@ from audit.plan import (
     pareto_front,
     preset_names,
 )
-from audit.results import AuditResult, CutInfo, ResultRow
+from splitaudit.results import AuditResult, CutInfo, ResultRow
 from tests.conftest import write_tiny_npz
 
 TINY = "tests/tiny.py:build"

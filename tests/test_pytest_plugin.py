@@ -42,8 +42,8 @@ def test_fixture_helpers_and_html_report_in_a_fresh_project(pytester):
 
         import pytest
 
-        from audit.gate import assert_max_ssim
-        from audit.results import AuditResult
+        from splitaudit.gate import assert_max_ssim
+        from splitaudit.results import AuditResult
 
         @pytest.fixture(scope="module")
         def result_holder():
@@ -72,3 +72,29 @@ def test_fixture_helpers_and_html_report_in_a_fresh_project(pytester):
     assert (folder / "report.html").read_text().startswith("<!doctype html>")
     assert (folder / "results.json").is_file()
     assert len(list((folder / "images").glob("*.png"))) == 1
+
+
+def test_a_project_with_its_own_attacks_and_audit_packages(pytester):
+    """splitaudit installs one import package: a user's own top-level ``attacks`` and ``audit`` (common in
+    ML-security repositories) neither shadow it nor are shadowed by it. Run in a subprocess, where the
+    user's packages are imported first and nothing of splitaudit is in ``sys.modules`` yet."""
+    write_tiny_npz(pytester.path / "tiny.npz")
+    for pkg in ("attacks", "audit", "defenses"):
+        pytester.mkpydir(pkg).joinpath("__init__.py").write_text(f"OWNER = 'the user'\nNAME = {pkg!r}\n")
+    pytester.makeconftest("import attacks, audit, defenses  # the project's own, imported before any test\n")
+    pytester.makeini("[pytest]\npythonpath = .\n")
+    pytester.makepyfile(
+        test_mine=f"""
+        import attacks, audit, defenses
+
+        from splitaudit.gate import assert_max_ssim
+
+        def test_both_coexist(splitaudit_audit):
+            result = splitaudit_audit(model="{TINY}:build", data="tiny.npz", cuts=["stem"], profile="quick")
+            assert [r.attack for r in result.results] == ["decoder"]
+            assert_max_ssim(result, cut="stem", limit=1.0)
+            assert (attacks.OWNER, audit.NAME, defenses.NAME) == ("the user", "audit", "defenses")
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from audit.report.html import image_uri, render_report, write_report
-from audit.report.plots import pareto_front
-from audit.results import AuditResult, CutInfo, ResultRow
+from splitaudit.report.html import image_uri, render_report, write_report
+from splitaudit.report.plots import pareto_front
+from splitaudit.results import AuditResult, CutInfo, ResultRow
 
 EVIL = "<script>alert(1)</script>\"' onmouseover='alert(2)' $x^2$"
 SECTIONS = ["verdict", "curve", "tradeoff", "images", "costs", "threat", "repro"]
@@ -281,7 +281,7 @@ def test_failed_and_nan_rows(tmp_path):
 
 
 def test_cli_report_roundtrip(tmp_path):
-    from audit.cli import main as cli_main
+    from splitaudit.cli import main as cli_main
 
     result = make_result(tmp_path)
     result.save(tmp_path / "results.json")

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageStat
 
-from audit.report.html import write_report
+from splitaudit.report.html import write_report
 from tests.test_report import EVIL, _row, make_result
 
 pytestmark = pytest.mark.browser
@@ -223,7 +223,7 @@ def test_report_in_chromium(chromium, tmp_path):
 
 
 def test_report_with_a_plan_in_chromium(chromium, tmp_path):
-    from audit.plan import load_profile, make_plan
+    from splitaudit.plan import load_profile, make_plan
     from tests.test_plan import CUTS, made_up
 
     cuts = tuple(replace(c, name=f"{c.name}{EVIL}") for c in CUTS)

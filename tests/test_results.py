@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from audit.errors import DataError
-from audit.results import AuditResult, CutInfo, ResultRow
+from splitaudit.errors import DataError
+from splitaudit.results import AuditResult, CutInfo, ResultRow
 
 
 def make_result(**over) -> AuditResult:
@@ -57,7 +57,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     r.save(path)
     before = path.read_text()
 
-    import audit.results as mod
+    import splitaudit.results as mod
 
     def boom(*a, **k):
         raise KeyboardInterrupt

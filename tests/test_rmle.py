@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attacks import AttackContext, make_attack
-from attacks.optimization import total_variation
-from audit.cuts import capture, head_forward
-from audit.errors import SpecError
-from audit.metrics import ssim
-from audit.results import AuditResult, CutInfo, ResultRow
+from splitaudit.attacks import AttackContext, make_attack
+from splitaudit.attacks.optimization import total_variation
+from splitaudit.cuts import capture, head_forward
+from splitaudit.errors import SpecError
+from splitaudit.metrics import ssim
+from splitaudit.results import AuditResult, CutInfo, ResultRow
 from tests.tiny import TinyNet
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from audit.results import ResultRow
-from audit.runner import AuditConfig, _flag_inversions, job_generator, run_audit
+from splitaudit.results import ResultRow
+from splitaudit.runner import AuditConfig, _flag_inversions, job_generator, run_audit
 from tests.conftest import write_tiny_npz
 
 
@@ -120,7 +120,7 @@ def test_attacker_knowledge_options_are_recorded_and_weaken_the_attack(tmp_path)
 def test_aux_data_must_match_the_input_shape(tmp_path):
     import numpy as np
 
-    from audit.errors import DataError
+    from splitaudit.errors import DataError
 
     npz = write_tiny_npz(tmp_path / "d.npz", n=100)
     rgb = tmp_path / "rgb.npz"
@@ -153,7 +153,7 @@ def test_fine_tuning_beside_the_attack_jobs_is_reproducible(tmp_path):
 def test_a_failed_fine_tuning_fails_only_its_own_rows(tmp_path, monkeypatch, attack):
     """The undefended attacker also scores on the fine-tuned model's activations; when that model
     never comes, its rows say why and every other row keeps its numbers (a refined or a fitted attack)."""
-    import audit.runner as runner
+    import splitaudit.runner as runner
 
     def crash(*args, **kwargs):
         raise RuntimeError("fine-tuning crashed")
@@ -184,7 +184,7 @@ def test_a_defense_the_model_rejects_leaves_the_others_their_utility(tmp_path):
 
     import torch.nn.functional as F
 
-    from defenses.base import DEFENSES, Defense, register_defense
+    from splitaudit.defenses.base import DEFENSES, Defense, register_defense
 
     @dataclasses.dataclass(frozen=True)
     class _Cfg:

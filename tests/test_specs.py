@@ -1,8 +1,8 @@
 import pytest
 
-from audit.errors import SpecError
-from audit.specs import build_config, canonical_spec, parse_model_spec, parse_plugin_spec
-from defenses import make_defense
+from splitaudit.errors import SpecError
+from splitaudit.specs import build_config, canonical_spec, parse_model_spec, parse_plugin_spec
+from splitaudit.defenses import make_defense
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,7 @@ def test_bad_defense_params_name_the_allowed_range(spec, needle):
 def test_build_config_converts_types():
     from dataclasses import dataclass
 
-    from audit.specs import param
+    from splitaudit.specs import param
 
     @dataclass(frozen=True)
     class C:

@@ -7,7 +7,7 @@ import math
 from rich.console import Console
 from rich.table import Table
 
-from audit.results import AuditResult, ResultRow
+from splitaudit.results import AuditResult, ResultRow
 
 
 def verdict(row: ResultRow, threshold: float) -> str:
@@ -82,7 +82,7 @@ def print_audit(result: AuditResult, console: Console | None = None) -> None:
 
 # --- the plan ------------------------------------------------------------------------------------------
 def _sig(v: float | None, n: int = 3) -> str:
-    from audit.plan import _sig as sig
+    from splitaudit.plan import _sig as sig
 
     return "-" if v is None else sig(v, n)
 
@@ -109,7 +109,7 @@ def plan_header(plan) -> list[str]:
 
 
 def _limit(lim) -> str:
-    from audit.plan import _limit_text
+    from splitaudit.plan import _limit_text
 
     return _limit_text(lim)
 

@@ -7,7 +7,7 @@ markup by hand. The only values marked safe are the data URIs this module makes 
 
 The report reads the same :class:`~audit.results.AuditResult` as the console and the gate, and uses
 :meth:`AuditResult.headline` (the strongest attack, adaptive or not) for every verdict, with the
-wording of :func:`audit.report.console.verdict`.
+wording of :func:`splitaudit.report.console.verdict`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 
 import jinja2
 
-from audit.report.console import verdict
-from audit.report.plots import CurvePoint, PlanPoint, TradePoint, leakage_curve, pareto_front, plan_front, tradeoff, warm_plots
-from audit.results import AuditResult, ResultRow, atomic_write_text
+from splitaudit.report.console import verdict
+from splitaudit.report.plots import CurvePoint, PlanPoint, TradePoint, leakage_curve, pareto_front, plan_front, tradeoff, warm_plots
+from splitaudit.results import AuditResult, ResultRow, atomic_write_text
 
 TEMPLATES = Path(__file__).parent / "templates"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -251,7 +251,7 @@ def _plan_view(plan: Any, threshold: float) -> dict[str, Any] | None:
 def _mbit(v: Any) -> str:
     if not isinstance(v, (int, float)) or not math.isfinite(v):
         return "n/a"
-    from audit.plan import _sig
+    from splitaudit.plan import _sig
 
     return _sig(float(v), 2)
 
@@ -264,7 +264,7 @@ def _g(v: Any) -> str:
 def _sig3(v: Any) -> str:
     if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
         return "n/a"
-    from audit.plan import _sig
+    from splitaudit.plan import _sig
 
     return _sig(float(v), 3)
 

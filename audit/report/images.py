@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from audit.results import atomic_write_bytes
+from splitaudit.results import atomic_write_bytes
 
 
 def _tile(x: torch.Tensor, scale: int) -> np.ndarray:

@@ -6,7 +6,7 @@ user (cut and defense names become tick labels and legend entries) cannot turn i
 the ids matplotlib writes into each SVG cannot collide between plots. Mathtext is switched off so a
 ``$`` in a module name is drawn as a dollar sign instead of failing to parse.
 
-``pareto_front`` (from :mod:`audit.plan`) is the pure core of the trade-off plot and is tested on its own.
+``pareto_front`` (from :mod:`splitaudit.plan`) is the pure core of the trade-off plot and is tested on its own.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ _RC = {
 
 
 # --- the pure part: defined with the planner, which ranks placements by it --------------------------
-from audit.plan import pareto_front  # noqa: E402,F401  (re-exported: the report's trade-off plot uses it)
+from splitaudit.plan import pareto_front  # noqa: E402,F401  (re-exported: the report's trade-off plot uses it)
 
 
 # --- plot inputs -----------------------------------------------------------------------------------
