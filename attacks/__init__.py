@@ -1,5 +1,9 @@
-"""Attacks that rebuild the input from a cut's activation. Importing this package registers them."""
+"""Attacks that rebuild the input from a cut's activation, and the modalities they work in. Importing this
+package registers them."""
+
+from splitaudit.attacks import image  # noqa: F401  (registers the "image" modality)
 
 from splitaudit.attacks import decoder  # noqa: F401  (registers "decoder")
 from splitaudit.attacks import optimization  # noqa: F401  (registers "rmle")
-from splitaudit.attacks.base import ATTACKS, AttackContext, FitReport, make_attack, register_attack  # noqa: F401
+from splitaudit.attacks.base import ATTACKS, Attack, AttackContext, FitReport, make_attack, register_attack  # noqa: F401
+from splitaudit.attacks.modality import MODALITIES, Modality, get_modality, modality_for, register_modality  # noqa: F401

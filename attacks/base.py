@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -31,6 +31,13 @@ class AttackContext:
     generator: torch.Generator
     head: Callable[[torch.Tensor], torch.Tensor] | None = None
     on_epoch: Callable[[int, int, float], None] | None = None  # (epoch, max_epochs, val loss)
+    modality: Any = None  # the audit's Modality (scores, prior, decoder network); None: images
+
+    def __post_init__(self):
+        if self.modality is None:
+            from splitaudit.attacks.modality import get_modality
+
+            object.__setattr__(self, "modality", get_modality("image"))
 
 
 @dataclass
@@ -44,20 +51,51 @@ class FitReport:
     notes: list[str] = field(default_factory=list)
 
 
-class Attack(Protocol):
-    name: str
-    needs_fit: bool
+class Attack:
+    """What every attack is and declares. The runner reads these abilities; it never probes for methods.
 
-    def fit(self, z_aux: torch.Tensor, x_aux: torch.Tensor, ctx: AttackContext) -> FitReport: ...
+    - ``white_box``: it needs the head's weights (``ctx.head`` is set for it, and only for it);
+    - ``needs_fit``: it learns from aux data, so it can adapt to an activation defense (refitted on defended
+      activations for the adaptive rows); one that learns nothing is only scored;
+    - ``warm_start``: it can start from another fitted instance of itself (``warm_start_from``) and save and
+      load its fitted state (``state``, ``load_state``), so the runner refines one base fit per cut instead of
+      fitting every defense from scratch, and caches what it fitted;
+    - ``holds_out``: ``fit`` keeps a held-out part of the aux data (``holdout``, indices) on which an adaptive
+      attacker compares its refinement with the undefended attack.
 
-    def reconstruct(self, z: torch.Tensor) -> torch.Tensor: ...
+    ``fit`` returns a :class:`FitReport`; ``reconstruct`` rebuilds inputs from activations.
+    """
+
+    name: ClassVar[str] = ""
+    white_box: ClassVar[bool] = False
+    needs_fit: ClassVar[bool] = True
+    warm_start: ClassVar[bool] = False
+    holds_out: ClassVar[bool] = False
+    holdout: torch.Tensor | None = None
+
+    def fit(self, z_aux: torch.Tensor, x_aux: torch.Tensor, ctx: AttackContext) -> FitReport:
+        raise NotImplementedError
+
+    def reconstruct(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def warm_start_from(self, other: Attack) -> None:
+        raise NotImplementedError(f"attack {self.name} cannot warm-start")
+
+    def state(self) -> dict:
+        raise NotImplementedError(f"attack {self.name} has no state to save")
+
+    def load_state(self, state: dict, act_shape, input_shape, device: torch.device | str = "cpu") -> None:
+        raise NotImplementedError(f"attack {self.name} cannot load a state")
 
 
-ATTACKS: dict[str, Callable[..., Attack]] = {}
+ATTACKS: dict[str, type[Attack]] = {}
 
 
 def register_attack(name: str):
     def deco(cls):
+        if not issubclass(cls, Attack):
+            raise TypeError(f"attack {name!r}: {cls.__name__} must subclass splitaudit.attacks.base.Attack")
         cls.name = name
         ATTACKS[name] = cls
         return cls

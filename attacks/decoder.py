@@ -16,17 +16,15 @@ Honesty measures, since a weak attack reads as privacy:
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from splitaudit.attacks.base import AttackContext, FitReport, build_module, register_attack
+from splitaudit.attacks.base import Attack, AttackContext, FitReport, build_module, register_attack
+from splitaudit.attacks.modality import get_modality
 from splitaudit.attacks.training import TrainConfig, evaluate, train
 from splitaudit.specs import build_config, param
 
@@ -61,83 +59,6 @@ PROFILES = {
 }
 
 
-class InverseNet(nn.Module):
-    """Activation (standardized) -> image in [0, 1].
-
-    All convolutions run at most at half the input's resolution; the last one predicts 4 sub-pixels per
-    position and a pixel shuffle (Shi et al. 2016, sub-pixel convolution) lays them out at full size.
-    That keeps every detail of the output trainable at a quarter of the cost of full-resolution
-    convolutions, which dominates an attack's time on a CPU. With ``full_res``, an activation at the
-    input's own resolution (a first conv) is decoded at full resolution instead: measured on LeNet's
-    conv1, 20 epochs reach SSIM 0.996 there against 0.988 at half resolution, for 2.6x the time per
-    epoch; the standard and thorough profiles pay that, quick does not. An activation finer than the working
-    resolution is pixel-unshuffled into channels, so nothing in it is thrown away. Channels shrink as
-    resolution grows (``width`` at a quarter of the input size, ``min_channels`` at the working size).
-    """
-
-    def __init__(self, act_shape: tuple[int, ...], input_shape: tuple[int, ...], width: int, min_channels: int = 16, full_res: bool = False):
-        super().__init__()
-        c_out, h_out, w_out = input_shape
-        self.out_hw = (h_out, w_out)
-        fine = len(act_shape) == 3 and act_shape[1] >= h_out and act_shape[2] >= w_out
-        self.r = 2 if h_out >= 8 and w_out >= 8 and not (full_res and fine) else 1
-        hw, ww = math.ceil(h_out / self.r), math.ceil(w_out / self.r)  # working resolution
-
-        def ch(h: int) -> int:  # channels at a feature-map height h
-            return int(min(width, max(min_channels, round(width * (h_out / 4) / max(h, 1)))))
-
-        self.unshuffle: nn.Module = nn.Identity()
-        if len(act_shape) == 3:
-            c, h, w = act_shape
-            k = min(h // hw, w // ww)
-            if k >= 2:  # finer than the working resolution: fold pixels into channels
-                self.unshuffle = nn.Sequential(
-                    nn.Upsample(size=(h - h % k, w - w % k), mode="nearest") if (h % k or w % k) else nn.Identity(),
-                    nn.PixelUnshuffle(k),
-                )
-                c, h, w = c * k * k, h // k, w // k
-            self.stem = nn.Sequential(nn.Conv2d(c, ch(h), 3, padding=1), nn.BatchNorm2d(ch(h)), nn.ReLU())
-        else:
-            d = math.prod(act_shape)
-            h, w = max(1, math.ceil(hw / 2)), max(1, math.ceil(ww / 2))
-            hidden = min(1024, max(256, 4 * width))
-            self.stem = nn.Sequential(
-                nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, ch(h) * h * w),
-                nn.Unflatten(1, (ch(h), h, w)), nn.BatchNorm2d(ch(h)), nn.ReLU(),
-            )
-        layers: list[nn.Module] = []
-        steps = max(0, math.ceil(math.log2(max(hw / h, ww / w))))
-        c_prev = ch(h)
-        for i in range(1, steps + 1):
-            size = (round(h * (hw / h) ** (i / steps)), round(w * (ww / w) ** (i / steps)))
-            c_next = ch(size[0] * self.r)
-            layers += [nn.Upsample(size=size, mode="bilinear", align_corners=False),
-                       nn.Conv2d(c_prev, c_next, 3, padding=1), nn.BatchNorm2d(c_next), nn.ReLU()]
-            c_prev = c_next
-        self.up = nn.Sequential(*layers)
-        self.work_hw = (hw, ww)
-        self.head = nn.Sequential(
-            nn.Conv2d(c_prev, c_prev, 3, padding=1), nn.BatchNorm2d(c_prev), nn.ReLU(),
-            nn.Conv2d(c_prev, c_out * self.r * self.r, 3, padding=1), nn.PixelShuffle(self.r),
-        )
-
-    def forward(self, z):
-        return self.decode(self.unshuffle(z))
-
-    def decode(self, u):
-        """The decoder after its parameter-free input fold (``unshuffle``), which training applies
-        once to the whole aux set instead of to every batch of every epoch (8% of a first conv's time)."""
-        # Channels-last from the stem on (a dense stem's reshape gives the default layout): every layer
-        # after it then runs in one layout, without conversions (a quarter of a vector decoder's time).
-        y = self.up(self.stem(u).contiguous(memory_format=torch.channels_last))
-        if tuple(y.shape[-2:]) != self.work_hw:  # an activation coarser or finer than the ladder
-            y = F.interpolate(y, size=self.work_hw, mode="bilinear", align_corners=False)
-        y = self.head(y)
-        if tuple(y.shape[-2:]) != self.out_hw:  # odd input sizes
-            y = F.interpolate(y, size=self.out_hw, mode="bilinear", align_corners=False)
-        return torch.sigmoid(y)
-
-
 def _standardizer(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (spatial) or per-feature statistics; dead features get std 1 so they stay zero."""
     dims = (0, 2, 3) if z.dim() == 4 else (0,)
@@ -158,28 +79,19 @@ def _nhwc(t):
     return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
 
-def _folded(net: InverseNet) -> InverseNet:
-    """A copy for inference with each BatchNorm folded into the convolution before it (with its
-    running statistics): the same outputs up to float rounding (6e-8 measured), 10-20% less time per
-    reconstruction of 1,000 images. Made from the weights it is given: a later change to ``net``
-    needs a new copy (``fit`` and ``load_state`` drop the one ``reconstruct`` keeps)."""
-    folded = copy.deepcopy(net).eval()
-    for seq in (folded.stem, folded.up, folded.head):
-        mods = list(seq)
-        for i in range(len(mods) - 1):
-            if isinstance(mods[i], nn.Conv2d) and isinstance(mods[i + 1], nn.BatchNorm2d):
-                seq[i], seq[i + 1] = fuse_conv_bn_eval(mods[i], mods[i + 1]), nn.Identity()
-    return _nhwc(folded)
+def _loss_of(loss):
+    def fn(model, batch):
+        u, x = batch  # activations already folded by the network's fold()
+        return loss(model.decode(u), x)
 
-
-def _mse(model, batch):
-    u, x = batch  # activations already folded by the decoder's unshuffle
-    return F.mse_loss(model.decode(u), x)
+    return fn
 
 
 @register_attack("decoder")
-class DecoderAttack:
+class DecoderAttack(Attack):
     needs_fit = True
+    warm_start = True  # refinements start from a fitted decoder's weights (warm_start_from, state, load_state)
+    holds_out = True  # keeps a held-out part of the aux data (``holdout``) another attack can be compared on
 
     def __init__(self, *, profile: str = "standard", params: dict | None = None):
         self.config = build_config(DecoderConfig, params or {}, what="attack decoder")
@@ -192,8 +104,9 @@ class DecoderAttack:
         self.epochs = self.config.epochs or b.epochs
         self.patience = b.patience
         self.restarts = b.restarts if self.config.restarts < 0 else self.config.restarts
-        self.net: InverseNet | None = None
-        self._inference: InverseNet | None = None  # the fitted net with BatchNorm folded, for reconstruct
+        self.net: nn.Module | None = None  # the modality's decoder network
+        self._inference: nn.Module | None = None  # the fitted net prepared for inference (BatchNorm folded), for reconstruct
+        self.modality = "image"
         self.mean = self.std = None
         self.holdout: torch.Tensor | None = None
 
@@ -215,8 +128,11 @@ class DecoderAttack:
         self.mean, self.std = _standardizer(z_aux[tr_idx])
         zt, zv = _nhwc(self._normalize(z_aux[tr_idx])), _nhwc(self._normalize(z_aux[val_idx]))
         xt, xv = x_aux[tr_idx], x_aux[val_idx]
-        prior = xt.mean(dim=0, keepdim=True)
-        baseline = float(F.mse_loss(prior.expand_as(xv), xv))
+        modality = ctx.modality
+        self.modality = modality.name
+        loss = _loss_of(modality.reconstruction_loss)
+        prior = modality.prior(xt)
+        baseline = float(modality.reconstruction_loss(prior.expand_as(xv), xv))
 
         init = getattr(self, "_init", None)
         best: tuple[float, dict] | None = None
@@ -228,12 +144,12 @@ class DecoderAttack:
         for attempt in range(self.restarts + 1):
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
             net = _nhwc(build_module(
-                lambda: InverseNet(tuple(z_aux.shape[1:]), tuple(x_aux.shape[1:]), self.width, full_res=self.full_res),
+                lambda: modality.decoder(tuple(z_aux.shape[1:]), tuple(x_aux.shape[1:]), width=self.width, full_res=self.full_res),
                 torch.Generator().manual_seed(seed), device=z_aux.device,
             ))
             if attempt == 0:
                 with torch.no_grad():  # the same fold in every run: it has no parameters
-                    ut, uv = net.unshuffle(zt), net.unshuffle(zv)
+                    ut, uv = net.fold(zt), net.fold(zv)
             if init is not None and attempt == 0 and init.net is not None:
                 try:
                     net.load_state_dict(init.net.state_dict())
@@ -249,7 +165,7 @@ class DecoderAttack:
                     if ctx.on_epoch:
                         ctx.on_epoch(_off + ep, _off + epochs, va)
 
-                res = train(net, _mse, (ut, xt), config=cfg, generator=gen, val_data=(uv, xv), on_epoch=on_epoch)
+                res = train(net, loss, (ut, xt), config=cfg, generator=gen, val_data=(uv, xv), on_epoch=on_epoch)
                 epochs_total += res.epochs_run
                 still_improving = (
                     not res.diverged
@@ -265,7 +181,7 @@ class DecoderAttack:
                 else:
                     notes.append(f"run {attempt + 1}: still improving after {epochs_total} epochs, resumed")
             runs += 1
-            val = evaluate(net, _mse, (uv, xv))
+            val = evaluate(net, loss, (uv, xv))
             if res.diverged:
                 notes.append(f"run {attempt + 1}: loss diverged at lr={lr:g}, restarting with lr={lr / 3:g}")
                 lr /= 3
@@ -306,19 +222,22 @@ class DecoderAttack:
             raise RuntimeError("fit() must be called before reconstruct()")
         self.net.eval()
         if self._inference is None:  # made once per fitted (or loaded) net
-            self._inference = _folded(self.net)
+            self._inference = _nhwc(self.net.for_inference())
         net = self._inference
         outs = [net(_nhwc(self._normalize(z[i : i + batch_size]))) for i in range(0, z.shape[0], batch_size)]
         return torch.cat(outs)
 
     def state(self) -> dict:
         """Everything needed to rebuild the fitted attack (for the cache)."""
-        return {"net": self.net.state_dict(), "mean": self.mean, "std": self.std, "width": self.width, "full_res": self.full_res}
+        return {"net": self.net.state_dict(), "mean": self.mean, "std": self.std, "width": self.width, "full_res": self.full_res,
+                "modality": self.modality}
 
     def load_state(self, state: dict, act_shape, input_shape, device: torch.device | str = "cpu") -> None:
         self.width = state["width"]
+        self.modality = state.get("modality", "image")
         self.net = _nhwc(build_module(  # the weights are overwritten
-            lambda: InverseNet(tuple(act_shape), tuple(input_shape), self.width, full_res=state.get("full_res", False)),
+            lambda: get_modality(self.modality).decoder(tuple(act_shape), tuple(input_shape), width=self.width,
+                                                        full_res=state.get("full_res", False)),
             torch.Generator().manual_seed(0),
         ))
         self.net.load_state_dict(state["net"])

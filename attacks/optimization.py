@@ -61,9 +61,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from splitaudit.attacks.base import AttackContext, FitReport, register_attack
+from splitaudit.attacks.base import Attack, AttackContext, FitReport, register_attack
 from splitaudit.errors import SpecError
-from splitaudit.metrics import ssim
 from splitaudit.specs import build_config, param
 
 
@@ -110,7 +109,7 @@ TICK_EVERY = 10  # optimization steps between progress callbacks
 
 
 @register_attack("rmle")
-class RMLEAttack:
+class RMLEAttack(Attack):
     white_box = True
     needs_fit = True  # fit picks lambda and the activation scale on aux data
 
@@ -143,7 +142,7 @@ class RMLEAttack:
         gen = ctx.generator
         scale = float(z_aux.square().mean(dtype=torch.float64))
         self.scale = scale if math.isfinite(scale) and scale > 0 else 1.0  # all-zero activations: nothing to scale
-        self.prior = x_aux.mean(dim=0, keepdim=True)
+        self.prior = ctx.modality.prior(x_aux)
         self.seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
         notes: list[str] = []
         with torch.no_grad():  # batching must not change a sample's activation (BatchNorm in eval mode)
@@ -160,9 +159,9 @@ class RMLEAttack:
         lams = torch.tensor(self.grid, dtype=xs.dtype, device=xs.device).repeat_interleave(m)
         recs, plateaued = self._invert(zs.repeat(k, *([1] * (zs.dim() - 1))), lams, seed=self.seed + 1, restarts=0)
         xs_k = xs.repeat(k, 1, 1, 1)
-        by_ssim = min(xs.shape[-2:]) >= 11  # audit.metrics.ssim's window needs 11x11
         mse_k = (recs - xs_k).square().flatten(1).mean(dim=1).view(k, m).mean(dim=1)
-        score_k = ssim(recs, xs_k).view(k, m).mean(dim=1) if by_ssim else -mse_k
+        by, sel = ctx.modality.selection(recs, xs_k)  # the audit's own metric (SSIM; -MSE under 11x11)
+        score_k = sel.view(k, m).mean(dim=1)
         finite = [i for i in range(k) if math.isfinite(float(score_k[i]))]
         if not finite:
             raise RuntimeError("rmle: the optimization produced non-finite reconstructions for every lambda")
@@ -170,7 +169,7 @@ class RMLEAttack:
         self.lam = float(self.grid[best])
         mse = float(mse_k[best])
         baseline = float(F.mse_loss(self.prior.expand_as(xs), xs))
-        metric = "SSIM" if by_ssim else "-MSE"
+        metric = "SSIM" if by == "ssim" else "-MSE"
         if k > 1:
             tried = ", ".join(f"{lam:g}: {float(sc):.3f}" for lam, sc in zip(self.grid, score_k))
             notes.insert(0, f"lambda={self.lam:g} picked on {m} aux samples by {metric} ({tried})")

@@ -106,28 +106,39 @@ def _run_options(profile, device, seed, out, no_cache, cache_dir, executor, work
     )
 
 
-def _run_and_render(config, plan_profile: str | None = None) -> None:
+def _run(config):
+    """The audit of ``config`` with progress bars on stderr; on Ctrl-C, what finished is written and the
+    command exits 130."""
     from splitaudit.progress import RichReporter
     from splitaudit.report.console import print_audit
     from splitaudit.runner import AuditInterrupted, run_audit
+    from splitaudit.writer import write
 
-    profile = _load_plan_profile(plan_profile)
     try:
         with RichReporter(err_console) as reporter:
-            result = run_audit(config, reporter=reporter)
+            return run_audit(config, reporter=reporter)
     except AuditInterrupted as exc:
+        where = ""
+        if config.out:
+            write(exc.result, config.out)
+            where = f": the finished rows are in {Path(config.out) / 'results.json'}"
         print_audit(exc.result, out_console)
-        where = f": the finished rows are in {Path(config.out) / 'results.json'}" if config.out else ""
         err_console.print(f"error: interrupted{where}; rerun to finish (finished attacks are cached)", markup=False)
         raise typer.Exit(130) from None
+
+
+def _run_and_render(config, plan_profile: str | None = None) -> None:
+    from splitaudit.report.console import print_audit
+    from splitaudit.writer import write
+
+    profile = _load_plan_profile(plan_profile)  # validated before the long work
+    result = _run(config)
+    if profile is not None:
+        result = _with_plan(result, profile)
+    if config.out:
+        write(result, config.out)
     print_audit(result, out_console)
     if profile is not None:
-        from splitaudit.report.html import write_report
-
-        result = _with_plan(result, profile)
-        if config.out:  # the audit wrote both files already; write them again with the plan in
-            result.save(Path(config.out) / "results.json")
-            write_report(result, Path(config.out) / "report.html", base=Path(config.out))
         rec = result.plan["recommendation"]
         out_console.print(f"where to cut ({profile.name}): {rec['text']}", markup=False, highlight=False, soft_wrap=True)
     if config.out:
@@ -272,8 +283,38 @@ def plan(
         raise typer.Exit(1)
 
 
-from splitaudit.gate import gate_cli  # noqa: E402
-app.command("gate")(gate_cli)
+@app.command()
+def gate(
+    config: Annotated[Optional[Path], typer.Option("--config", help="splitaudit.toml, or a pyproject.toml with a tool.splitaudit table "
+                                                   "(default: ./splitaudit.toml, else ./pyproject.toml)")] = None,
+    results: Annotated[Optional[Path], typer.Option("--results", help="judge this results.json instead of running the audit")] = None,
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="results.json to compare against (regression limits)")] = None,
+    junit: Annotated[Optional[Path], typer.Option("--junit", help="write a JUnit XML file, one testcase per check")] = None,
+    no_cache: NoCacheOpt = False,
+    cache_dir: CacheDirOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="where the audit writes its results and images (default ./splitaudit-gate)")] = None,
+) -> None:
+    """Check thresholds: exit 0 when every check passes, 1 when any fails, 2 on bad config or input."""
+    from splitaudit.gate import DEFAULT_OUT, evaluate, load_gate_config, print_report, write_junit
+    from splitaudit.results import AuditResult
+    from splitaudit.writer import write
+
+    gc = load_gate_config(config)
+    base_path = baseline or (Path(gc.baseline) if gc.baseline else None)
+    base_result = AuditResult.load(base_path) if base_path else None  # fail fast, before a long audit
+    if results is not None:
+        result, images_base = AuditResult.load(results), results.parent
+    else:
+        images_base = out or (Path(gc.out) if gc.out else Path(DEFAULT_OUT))
+        result = _run(gc.audit_config(use_cache=not no_cache, cache_dir=str(cache_dir) if cache_dir else None, out=str(images_base),
+                                      command=_command_line()))
+        write(result, images_base)
+    report = evaluate(result, gc, base_result, base=images_base)
+    print_report(report, out_console)
+    if junit is not None:
+        write_junit(report, junit)
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -193,3 +193,187 @@ def defense_latency_ms(model: nn.Module, cut: str, sample: torch.Tensor, defende
     fns: list[Callable[[], object]] = [lambda: head_forward(model, cut, sample)]
     fns += [lambda m=m, tf=tf: tf(head_forward(m, cut, sample)) for m, tf in defended]
     return interleaved_medians_ms(fns, repeats=repeats, sync=_sync_for(sample))
+
+
+# ------------------------------------------------------------------------------------------------
+# The audit's two cost paths: latency (one timing loop) and utility (one prediction path)
+# ------------------------------------------------------------------------------------------------
+def defense_latencies(model: nn.Module, cut: str, sample1: torch.Tensor, sample64: torch.Tensor,
+                      defended: list[tuple[str, nn.Module, Callable]], *, repeats: int) -> dict[str, tuple[float, float, float, float]]:
+    """Per defense spec: (head alone, head + defense) in ms at batch 1 and at batch 64.
+
+    ``defended`` holds (spec, the model that defense runs, its fitted transform). The victim's head alone
+    and each defense on its own model are timed in turn, round after round, so one head-alone series
+    serves every defense and load changes hit all equally. ``none`` is the head alone."""
+    pairs = [(m, tf) for _, m, tf in defended]
+    base1, *d1 = defense_latency_ms(model, cut, sample1, pairs, repeats=repeats)
+    base64, *d64 = defense_latency_ms(model, cut, sample64, pairs, repeats=max(3, repeats // 3))
+    out = {spec: (base1, a, base64, b) for (spec, _, _), a, b in zip(defended, d1, d64)}
+    return out | {"none": (base1, base1, base64, base64)}
+
+
+class UtilityMeter:
+    """Accuracy and top-1 agreement with the undefended model, per (cut, defense), from one path.
+
+    A defense's transforms (``draws`` of a stochastic one, averaged) and the model it runs share passes
+    over the evaluation data where the model allows it (:func:`splitaudit.cuts.predict_each`). Results
+    are cached; a defense that only changes the model predicts the same at every cut and is measured once.
+    """
+
+    def __init__(self, scenario, cache):
+        from splitaudit import cache_keys
+
+        self.s, self.cache, self.keys = scenario, cache, cache_keys
+        self.results: dict[tuple[str, str], dict] = {}  # (cut, defense spec) -> {"accuracy", "agreement"}
+        self.notes: list[str] = []
+        self._same: dict[tuple[str, str], dict] = {}  # (model hash, spec) -> a cut-independent result
+
+    def measure(self, cut: str, todo: list[tuple[object, nn.Module, str, object]]) -> None:
+        """``todo``: (defense, the model it runs, that model's hash, its fitted transform or None)."""
+        s = self.s
+        pending: dict[str, tuple[nn.Module, list]] = {}  # model hash -> (model, [(defense, key, same, transform)])
+        for d, model_d, hash_d, fitted in todo:
+            key = self.keys.utility(model_hash=hash_d, victim=s.model_hash, data_hash=s.data_hash, cut=cut, defense=d.spec,
+                                    seed=s.config.seed, profile=s.config.profile)
+            same = (hash_d, d.spec) if not d.transforms_activation and not d.per_cut_model else None
+            hit = self.cache.get("utility", key)
+            if hit is None and same in self._same:
+                hit = self._same[same]
+            if hit is None:
+                pending.setdefault(hash_d, (model_d, []))[1].append((d, key, same, fitted))
+            else:
+                self._record(cut, d.spec, hit, same)
+        for model_d, items in pending.values():
+            for (d, key, same, _), (acc, agree) in zip(items, self._measure(model_d, cut, [(d, f) for d, _, _, f in items])):
+                hit = {"accuracy": acc, "agreement": agree}
+                self.cache.put("utility", key, hit)
+                self._record(cut, d.spec, hit, same)
+
+    def _record(self, cut: str, spec: str, hit: dict, same) -> None:
+        if same is not None:
+            self._same[same] = hit
+        self.results[(cut, spec)] = hit
+
+    def _measure(self, model_d: nn.Module, cut: str, ds: list) -> list[tuple[float | None, float | None]]:
+        from splitaudit.seeding import job_generator
+
+        s = self.s
+        draws: list[tuple[int, Callable | None]] = []  # (which defense, transform at the cut; None: the model as it is)
+        for k, (d, fitted) in enumerate(ds):
+            for i in range(s.settings["draws"] if d.stochastic else 1):
+                gen = job_generator(s.config.seed, cut, d.spec, "utility", i)
+                draws.append((k, None if fitted is None else (lambda z, _f=fitted, _g=gen: _f(z, generator=_g))))
+        preds = self._predict_each(model_d, cut, [t for _, t in draws])
+        out = []
+        for k in range(len(ds)):
+            mine = [p for (j, _), p in zip(draws, preds) if j == k and p is not None]
+            accs = [float((p == s.y_eval).float().mean()) for p in mine] if s.y_eval is not None else []
+            agrees = [float((p == s.clean_pred).float().mean()) for p in mine] if s.clean_pred is not None else []
+            out.append((sum(accs) / len(accs) if accs else None, sum(agrees) / len(agrees) if agrees else None))
+        return out
+
+    def _predict_each(self, model: nn.Module, cut: str, transforms: list[Callable | None]) -> list[torch.Tensor | None]:
+        """Predictions with each transform applied at ``cut`` (None: the model as it is), sharing passes.
+        Where the shared passes fail, each transform is measured on its own: one defense the model
+        rejects leaves the others their numbers."""
+        from splitaudit.cuts import predict, predict_each
+
+        s = self.s
+        try:
+            plain = None
+            if None in transforms:
+                plain = s.clean_pred if model is s.model and s.clean_pred is not None else predict(model, s.x_eval)
+            applied = iter(predict_each(model, s.x_eval, cut, [t for t in transforms if t is not None]))
+            return [plain if t is None else next(applied) for t in transforms]
+        except ModelError as exc:
+            if len(transforms) > 1:
+                return [self._predict_each(model, cut, [t])[0] for t in transforms]
+            self.notes.append(f"accuracy not measured: {exc}")
+            return [None]
+
+
+class LatencyMeter:
+    """Every latency of an audit, timed on a quiet machine: the heads, tails and same-model defenses
+    before the attack jobs start, the models the defenses change after the jobs end."""
+
+    FIT_SAMPLES = 256  # aux samples a defense is fitted on for timing (its cost does not depend on its fit)
+
+    def __init__(self, scenario, flops: Callable[[str | None], int], phase):
+        self.s, self.flops, self.phase = scenario, flops, phase
+        self.latency: dict[tuple[str, str], tuple[float, float, float, float]] = {}  # (cut, spec) -> see defense_latencies
+
+    def _time(self, cut: str, defended: list[tuple[object, nn.Module]]) -> None:
+        from splitaudit.cuts import capture
+        from splitaudit.seeding import job_generator
+
+        s = self.s
+        rows = []
+        for d, model_d in defended:
+            fitted = d.fit(capture(model_d, cut, s.x_aux[: self.FIT_SAMPLES]) if d.transforms_activation else None)
+            gen = job_generator(s.config.seed, cut, d.spec, "latency")
+            rows.append((d.spec, model_d, lambda z, _f=fitted, _g=gen: _f(z, generator=_g)))
+        by = defense_latencies(s.model, cut, s.x_eval[:1], s.x_eval[:64], rows, repeats=s.settings["latency_repeats"])
+        self.latency.update({(cut, spec): v for spec, v in by.items() if spec == "none" or any(spec == r[0] for r in rows)})
+
+    def cut_infos(self) -> list:
+        """A :class:`CutInfo` per cut (bytes, FLOPs and latency of head and tail), timing the victim's head
+        alone and with each defense that leaves the model as it is."""
+        from splitaudit.results import CutInfo
+
+        s = self.s
+        same_model = [d for d in s.defenses if d.spec != "none" and not d.changes_model]
+        reps, sample1 = s.settings["latency_repeats"], s.x_eval[:1]
+        infos = []
+        with self.phase("latency"):
+            if "flops" not in s.model_info:  # the planner's all-on-the-device and all-on-the-server placements
+                s.model_info.update(flops=self.flops(None), latency_ms=round(model_latency_ms(s.model, sample1, repeats=reps), 4))
+            for cut in s.cuts:
+                self._time(cut.name, [(d, s.model) for d in same_model])
+                lat1, _, lat64, _ = self.latency[(cut.name, "none")]
+                head = self.flops(cut.name)
+                infos.append(CutInfo(
+                    name=cut.name, shape=cut.shape, bytes_per_sample=bytes_per_sample(cut.shape), head_flops=head,
+                    head_latency_ms=round(lat1, 4), bytes_fp16=bytes_per_sample(cut.shape, "float16"),
+                    bytes_int8=bytes_per_sample(cut.shape, "int8"), index=cut.index, module_type=cut.module_type,
+                    aliases=cut.aliases, head_latency_ms_b64=round(lat64, 4),
+                    tail_flops=max(0, s.model_info["flops"] - head),
+                    tail_latency_ms=round(tail_latency_ms(s.model, cut.name, sample1, repeats=reps), 4),
+                ))
+        return infos
+
+    def changed_models(self, prepared, *, wait: bool) -> None:
+        """Time the heads of the changed models that exist (after the attack jobs: a quiet machine again).
+        ``wait``: first let a fine-tuning that no job needed finish."""
+        s = self.s
+        if wait:
+            prepared.wait()
+        for cut in s.cuts:
+            pairs = [(d, prepared.get(d, cut.name)[0]) for d in s.defenses if d.changes_model and prepared.ready(d, cut.name)]
+            if pairs:
+                with self.phase("latency"):
+                    self._time(cut.name, pairs)
+
+    def row_fields(self, cut: str, spec: str) -> dict[str, float | None]:
+        """The latency fields of a row; None where not measured (yet: a changed model is timed last)."""
+        if (cut, spec) not in self.latency:
+            return dict.fromkeys(("latency_ms", "latency_overhead_ms", "latency_ms_b64", "latency_overhead_ms_b64"))
+        base1, lat_d1, base64, lat_d64 = self.latency[(cut, spec)]
+        return dict(latency_ms=round(lat_d1, 4), latency_overhead_ms=round(lat_d1 - base1, 4),
+                    latency_ms_b64=round(lat_d64, 4), latency_overhead_ms_b64=round(lat_d64 - base64, 4))
+
+
+def cached_flops(scenario, cache) -> Callable[[str | None], int]:
+    """Head FLOPs for one sample at a cut (None: the whole model), from the cache: counting is slow to
+    start and never changes for the same model and input shape."""
+    from splitaudit import cache_keys
+
+    def flops(cut: str | None) -> int:
+        key = cache_keys.flops(scenario.model_hash, tuple(scenario.x_eval.shape[1:]), cut)
+        hit = cache.get("flops", key)
+        if hit is not None:
+            return int(hit["flops"])
+        value = head_flops(scenario.model, cut, scenario.x_eval[:1])
+        cache.put("flops", key, {"flops": value})
+        return value
+
+    return flops

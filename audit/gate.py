@@ -6,9 +6,11 @@ and the tests all go through it, so "what passes" is decided in one place.
 
 Rules the engine keeps (``shared/DESIGN.md``, "honest numbers"):
 
-- each (cut, defense) is judged by its headline row: the strongest attack that ran, adaptive or not;
-- a leakage check (SSIM, PSNR and their regressions) of a pair where any attack failed or did not
-  converge FAILS, whatever its value: a weak attack reads as privacy, and the gate must not pass on it;
+- each (cut, defense) is judged by its assessment (:mod:`splitaudit.assess`), whose headline row is the
+  strongest attack that ran, adaptive or not;
+- a leakage check (SSIM, PSNR and their regressions) of a pair whose ladder is incomplete (an attack
+  failed, did not converge, or is flagged as a lower bound) FAILS, whatever its value: a weak attack
+  reads as privacy, and the gate must not pass on it;
 - a (cut, defense) that the config, a rule or the baseline expects but the results lack FAILS;
 - the tool never says "safe": a passed check says what the attacks that ran achieved, nothing more.
 
@@ -51,15 +53,12 @@ from __future__ import annotations
 
 import difflib
 import math
-import shlex
-import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any
 
-import typer
-
+from splitaudit.config import CHOICES, AuditConfig, check_choice
 from splitaudit.errors import UserError
 from splitaudit.results import AuditResult, ResultRow, atomic_write_text
 from splitaudit.specs import read_toml
@@ -161,7 +160,6 @@ class GateConfig:
 
     def audit_config(self, *, use_cache: bool = True, cache_dir: str | None = None, out: str | None = None, command: str | None = None):
         """The :class:`AuditConfig` that runs what this gate config describes."""
-        from splitaudit.runner import AuditConfig
 
         missing = [k for k in ("model", "data") if getattr(self, k) is None]
         if missing:
@@ -245,8 +243,6 @@ def _canonical_defense(spec: str) -> str:
 
 def parse_gate_config(table: dict[str, Any], *, root: Path, where: str = CONFIG_FILE) -> GateConfig:
     """Validate a parsed TOML table strictly: every unknown key, wrong type or out-of-range value raises."""
-    from splitaudit.runner import PROFILES
-
     if not isinstance(table, dict):
         raise UserError(f"{where} must be a table")
     _unknown(table, TOP_KEYS, where)
@@ -279,23 +275,11 @@ def parse_gate_config(table: dict[str, Any], *, root: Path, where: str = CONFIG_
         for a in kw["attacks"]:
             if a not in ATTACKS:
                 raise UserError(f"unknown attack {a!r} in {where}; known attacks: {', '.join(sorted(ATTACKS))}")
-    if "profile" in table:
-        p = _expect(table["profile"], str, "profile", where, "a string")
-        if p not in PROFILES:
-            raise UserError(f"unknown profile {p!r} in {where}; known profiles: {', '.join(PROFILES)}")
-        kw["profile"] = p
     if "seed" in table:
         kw["seed"] = _expect(table["seed"], int, "seed", where, "an integer")
-    if "device" in table:
-        d = _expect(table["device"], str, "device", where, "a string")
-        if d not in ("auto", "cpu", "cuda"):
-            raise UserError(f"unknown device {d!r} in {where}; choose auto, cpu or cuda")
-        kw["device"] = d
-    if "executor" in table:
-        e = _expect(table["executor"], str, "executor", where, "a string")
-        if e not in ("local", "ray"):
-            raise UserError(f"unknown executor {e!r} in {where}; choose local or ray")
-        kw["executor"] = e
+    for key in CHOICES:  # the same allowed values, and the same check, as AuditConfig.validate
+        if key in table:
+            kw[key] = check_choice(key, _expect(table[key], str, key, where, "a string"), where=where)
     if "workers" in table:
         w = _expect(table["workers"], int, "workers", where, "an integer")
         if w < 0:
@@ -303,11 +287,6 @@ def parse_gate_config(table: dict[str, Any], *, root: Path, where: str = CONFIG_
         kw["workers"] = w
     if "ray_address" in table:
         kw["ray_address"] = _expect(table["ray_address"], str, "ray_address", where, "a string").strip() or None
-    if "aux_queries" in table:
-        q = _expect(table["aux_queries"], str, "aux_queries", where, "a string")
-        if q not in ("data", "noise"):
-            raise UserError(f"unknown aux_queries {q!r} in {where}; choose data or noise")
-        kw["aux_queries"] = q
 
     thresholds = dict(DEFAULT_LIMITS)
     rules: list[Rule] = []
@@ -433,17 +412,6 @@ def _pairs(result: AuditResult, config: GateConfig, baseline: AuditResult | None
     return list(seen)
 
 
-def _attack_problems(rows: list[ResultRow]) -> list[str]:
-    out = []
-    for r in rows:
-        who = f"{r.attack}{' (adaptive)' if r.adaptive else ''}"
-        if r.status == "failed":
-            out.append(f"attack {who} failed" + (f": {r.error}" if r.error else ""))
-        elif r.status != "ok" or not r.converged:
-            out.append(f"attack {who} did not converge (its number is a lower bound)")
-    return out
-
-
 def _value(row: ResultRow | None, m: Metric) -> float | None:
     if row is None:
         return None
@@ -470,9 +438,10 @@ def evaluate(result: AuditResult, gate_config: GateConfig, baseline: AuditResult
             checks.append(Check(f"{pair}: present", cut, defense, "present", None, None, False,
                                 f"no result for cut {cut!r} with defense {defense!r}, which the config, a rule or the baseline expects"))
             continue
-        head = result.headline(cut, defense)
+        verdict = result.assessment(cut, defense)  # the one assessment every view renders
+        head = verdict.headline
         util_row = head or rows[0]
-        problems = _attack_problems(rows)
+        problems = list(verdict.problems)  # fail closed: a failed, unconverged or flagged attack fails every leakage check
         images = None
         if head is not None and head.images:
             images = str(Path(base) / head.images) if base is not None else head.images
@@ -515,8 +484,6 @@ def evaluate(result: AuditResult, gate_config: GateConfig, baseline: AuditResult
             if m.leakage and problems:
                 ok = False
                 msg += "; FAILS because " + "; ".join(problems)
-            if m.leakage and head is not None and head.flags and not problems:
-                msg += "; flagged: " + "; ".join(head.flags)
             checks.append(Check(name, cut, defense, m.key, value, limit, ok, msg, images))
     if skipped_regression:
         notes.append(f"{skipped_regression} regression limit(s) not checked: no baseline was given (--baseline or `baseline` in the config)")
@@ -632,48 +599,7 @@ def write_junit(report: GateReport, path: str | Path) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------------------------
-# The command
-# ------------------------------------------------------------------------------------------------
-def gate_cli(
-    config: Annotated[Optional[Path], typer.Option("--config", help="splitaudit.toml, or a pyproject.toml with a tool.splitaudit table "
-                                                   "(default: ./splitaudit.toml, else ./pyproject.toml)")] = None,
-    results: Annotated[Optional[Path], typer.Option("--results", help="judge this results.json instead of running the audit")] = None,
-    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="results.json to compare against (regression limits)")] = None,
-    junit: Annotated[Optional[Path], typer.Option("--junit", help="write a JUnit XML file, one testcase per check")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="recompute everything")] = False,
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="cache location (default ~/.cache/splitaudit)")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help=f"where the audit writes its results and images (default ./{DEFAULT_OUT})")] = None,
-) -> None:
-    """Check thresholds: exit 0 when every check passes, 1 when any fails, 2 on bad config or input."""
-    from rich.console import Console
-
-    gc = load_gate_config(config)
-    base_path = baseline or (Path(gc.baseline) if gc.baseline else None)
-    base_result = AuditResult.load(base_path) if base_path else None  # fail fast, before a long audit
-    if results is not None:
-        result = AuditResult.load(results)
-        images_base = results.parent
-    else:
-        from splitaudit.progress import RichReporter
-        from splitaudit.runner import run_audit
-
-        out_dir = out or (Path(gc.out) if gc.out else Path(DEFAULT_OUT))
-        command = " ".join(shlex.quote(a) for a in ["splitaudit", *sys.argv[1:]])
-        audit_config = gc.audit_config(use_cache=not no_cache, cache_dir=str(cache_dir) if cache_dir else None, out=str(out_dir),
-                                       command=command)
-        with RichReporter(Console(stderr=True)) as reporter:
-            result = run_audit(audit_config, reporter=reporter)
-        images_base = out_dir
-    report = evaluate(result, gc, base_result, base=images_base)
-    print_report(report, Console())
-    if junit is not None:
-        write_junit(report, junit)
-    if not report.passed:
-        raise typer.Exit(1)
-
-
 __all__ = [
     "Check", "GateConfig", "GateReport", "Rule", "METRICS", "assert_gate", "assert_max_psnr", "assert_max_ssim", "assert_min_accuracy",
-    "assert_min_agreement", "check_limit", "evaluate", "gate_cli", "junit_xml", "load_gate_config", "parse_gate_config", "write_junit",
+    "assert_min_agreement", "check_limit", "evaluate", "junit_xml", "load_gate_config", "parse_gate_config", "write_junit",
 ]

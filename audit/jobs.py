@@ -6,35 +6,32 @@ activations of one or more defenses. Everything random in a job is drawn from ge
 (seed, cut, defense, attack, kind), so neither the order of jobs nor the place they run (a thread
 here, a Ray worker elsewhere) changes a number.
 
-The driver (``splitaudit.runner``) builds the specs, resolves cache hits, and turns outputs into rows.
+:func:`plan_cut` is the job graph of one cut, a pure function of the cut, the attacks, the defenses
+and the profile; :mod:`splitaudit.scheduler` runs it.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-import splitaudit.attacks  # noqa: F401  (registers attacks)
+import splitaudit.attacks  # noqa: F401  (registers attacks and modalities)
 import splitaudit.defenses  # noqa: F401  (registers defenses)
-from splitaudit.attacks.base import AttackContext, make_attack
+from splitaudit.attacks.base import ATTACKS, AttackContext, make_attack
+from splitaudit.attacks.modality import get_modality
 from splitaudit.cuts import head_forward
-from splitaudit.metrics import most_recognizable, psnr, ssim
-from splitaudit.defenses.base import make_defense
+from splitaudit.defenses.base import Defense, Fitted, make_defense
+from splitaudit.metrics import most_recognizable
+from splitaudit.seeding import job_generator  # noqa: F401  (re-exported: jobs draw from it)
 
 N_GRID = 8  # fixed eval samples shown in every image grid
 N_WORST = 5  # most recognizable samples shown
-
-
-def job_generator(seed: int, *parts: object, device: torch.device | str = "cpu") -> torch.Generator:
-    digest = hashlib.sha256(repr((seed,) + parts).encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 62) - 1))
 
 
 @dataclass(frozen=True)
@@ -49,6 +46,7 @@ class JobSpec:
     score: tuple[str, ...] = ()  # defenses whose evaluation activations the fitted attack is scored on
     label: str = ""  # what the progress bar says
     device: str = "cpu"  # where the job computes (a Ray worker moves its inputs there)
+    modality: str = "image"  # how reconstructions are scored (a registered Modality)
 
     @property
     def id(self) -> str:
@@ -68,6 +66,7 @@ class JobInputs:
     x_aux: torch.Tensor
     x_eval: torch.Tensor
     acts: dict[str, Activations]  # defense spec -> activations of the model that defense runs (train + score)
+    fitted: dict[str, Fitted] = field(default_factory=dict)  # defense spec -> its transform at this cut (none: absent)
     head: nn.Module | None = None  # the model the training defense runs, for white-box attacks only
     base_state: dict | None = None  # a refine job's starting point
     # An adaptive job's other candidate: the undefended attacker. An attacker who knows the defense
@@ -80,10 +79,15 @@ class JobInputs:
 
 @dataclass
 class Scores:
-    ssim: torch.Tensor  # per evaluation sample
-    psnr: torch.Tensor
+    values: dict[str, torch.Tensor]  # metric -> per evaluation sample (the modality's metrics)
     recon_idx: torch.Tensor  # evaluation indices whose reconstructions come back (the grid's samples)
     recon: torch.Tensor
+
+    def __getattr__(self, name):  # scores.ssim: the values of one metric
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 @dataclass
@@ -95,15 +99,54 @@ class JobOutput:
     seconds: float = 0.0
 
 
-def defended(defense_spec: str, acts: Activations, *, seed: int, cut: str, which: str) -> torch.Tensor:
-    """The activations ``which`` (aux | eval) as the defense sends them, with the noise drawn from a
-    generator of their own: a job that only scores draws exactly what the job that trained drew."""
-    if defense_spec == "none":
-        return acts.aux if which == "aux" else acts.eval
-    d = make_defense(defense_spec)
-    d.fit(acts.aux)
+def defended(fitted: Fitted | None, acts: Activations, *, seed: int, cut: str, which: str) -> torch.Tensor:
+    """The activations ``which`` (aux | eval) as the fitted defense sends them (None: as they are), with
+    the noise drawn from a generator of their own: a job that only scores draws exactly what the job
+    that trained drew."""
     z = acts.aux if which == "aux" else acts.eval
-    return d.apply(z, generator=job_generator(seed, cut, defense_spec, "defense", which))
+    if fitted is None:
+        return z
+    return fitted(z, generator=job_generator(seed, cut, fitted.spec, "defense", which))
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    role: str  # "base" (the clean fit a refinement starts from) | "clean" (the undefended attacker) | a defense spec
+    spec: JobSpec
+    after: str | None = None  # the role of the job whose output it waits for (None: it can start at once)
+
+
+def plan_cut(cut: str, *, attacks: Sequence[str], defenses: Sequence[Defense], profile: str, seed: int, device: str = "cpu",
+             modality: str = "image", adaptive_epochs: int | None = None) -> list[PlannedJob]:
+    """The job graph of one cut, in submission order.
+
+    Per learned attack that can warm-start: a base job fits on clean activations; then, with equal
+    budgets, the undefended attacker refines the base on clean activations for as many epochs as each
+    adaptive attacker refines it on defended ones (otherwise extra training alone would make a defended
+    cut look leakier than the undefended one). An adaptive job waits for the undefended one: it is its
+    other candidate. The undefended attacker is also scored on every defended activation (the
+    non-adaptive rows). An attack that cannot warm-start (rMLE) is fitted afresh per defense; one that
+    learns nothing from aux data is not re-fitted for an activation defense, only scored.
+    """
+    specs = tuple(d.spec for d in defenses)
+    out: list[PlannedJob] = []
+    for name in attacks:
+        cls = ATTACKS[name]
+        common = dict(cut=cut, attack=name, profile=profile, seed=seed, device=device, modality=modality)
+        if cls.warm_start:
+            out.append(PlannedJob("base", JobSpec(defense="none", kind="fit", label=f"{cut}: {name} on clean activations", **common)))
+            out.append(PlannedJob("clean", JobSpec(defense="none", kind="refine", epochs=adaptive_epochs, score=specs,
+                                                   label=f"{cut}: {name} refined on clean activations", **common), after="base"))
+        else:
+            out.append(PlannedJob("clean", JobSpec(defense="none", kind="fit", score=specs, label=f"{cut}: {name} on clean activations",
+                                                   **common)))
+        for d in defenses:
+            if d.spec == "none" or not (cls.needs_fit or d.changes_model):
+                continue
+            spec = JobSpec(defense=d.spec, kind="refine" if cls.warm_start else "fit", epochs=adaptive_epochs if cls.warm_start else None,
+                           score=(d.spec,), label=f"{cut}: {name} adapted to {d.spec}", **common)
+            out.append(PlannedJob(d.spec, spec, after="clean" if cls.warm_start else None))
+    return out
 
 
 def run_job(spec: JobSpec, inputs: JobInputs, *, on_epoch: Callable[[int, int, float], None] | None = None) -> JobOutput:
@@ -113,8 +156,10 @@ def run_job(spec: JobSpec, inputs: JobInputs, *, on_epoch: Callable[[int, int, f
     # refinement of a cut gets the same training, so none looks leakier from training alone).
     params = {"epochs": spec.epochs or 0, "restarts": 0, "extensions": 0} if spec.kind == "refine" else {}
     attack = make_attack(spec.attack, profile=spec.profile, params=params)
+    modality = get_modality(spec.modality)
     x_aux, x_eval = inputs.x_aux, inputs.x_eval
-    z_train = defended(spec.defense, inputs.acts[spec.defense], seed=spec.seed, cut=spec.cut, which="aux")
+    fitted = functools.partial(_fitted, inputs)
+    z_train = defended(fitted(spec.defense), inputs.acts[spec.defense], seed=spec.seed, cut=spec.cut, which="aux")
     if inputs.cached is not None:
         attack.load_state(inputs.cached["state"], tuple(z_train.shape[1:]), tuple(x_aux.shape[1:]), device=z_train.device)
         report = dict(inputs.cached["report"]) | {"cached": True}
@@ -123,7 +168,7 @@ def run_job(spec: JobSpec, inputs: JobInputs, *, on_epoch: Callable[[int, int, f
             base = make_attack(spec.attack, profile=spec.profile)
             base.load_state(inputs.base_state, tuple(z_train.shape[1:]), tuple(x_aux.shape[1:]), device=z_train.device)
             attack.warm_start_from(base)
-        white_box = getattr(attack, "white_box", False)
+        white_box = attack.white_box
         if white_box and inputs.head is None:
             raise RuntimeError(f"{spec.attack} is a white-box attack and its job was given no head")
         ctx = AttackContext(
@@ -134,43 +179,53 @@ def run_job(spec: JobSpec, inputs: JobInputs, *, on_epoch: Callable[[int, int, f
             on_epoch=on_epoch,
             # Only white-box attacks see the head; black-box ones get activations and nothing else.
             head=functools.partial(head_forward, inputs.head, spec.cut) if white_box else None,
+            modality=modality,
         )
         rep = attack.fit(z_train, x_aux, ctx)
         report = {
             "converged": rep.converged, "restarts": rep.restarts, "epochs": rep.epochs, "seconds": round(rep.seconds, 2),
             "val_loss": rep.val_loss, "baseline_loss": rep.baseline_loss, "notes": list(rep.notes),
         }
-        if inputs.candidate_state is not None and getattr(attack, "holdout", None) is not None:
-            attack = _select(attack, inputs.candidate_state, spec, z_train, x_aux, report, inputs.candidate_converged)
-    scores = {d: _score(attack, defended(d, inputs.acts[d], seed=spec.seed, cut=spec.cut, which="eval"), x_eval) for d in spec.score}
-    state = attack.state() if hasattr(attack, "state") else None
+        if inputs.candidate_state is not None and attack.holds_out and attack.holdout is not None:
+            attack = _select(attack, inputs.candidate_state, spec, z_train, x_aux, report, inputs.candidate_converged, modality)
+    scores = {d: _score(attack, defended(fitted(d), inputs.acts[d], seed=spec.seed, cut=spec.cut, which="eval"), x_eval, modality)
+              for d in spec.score}
+    state = attack.state() if attack.warm_start else None
     return JobOutput(spec=spec, report=report, state=state, scores=scores, seconds=time.perf_counter() - start)
 
 
-def _score(attack, z_eval: torch.Tensor, x_eval: torch.Tensor) -> Scores:
-    recon = attack.reconstruct(z_eval).clamp(0, 1)
-    s = ssim(recon, x_eval)
-    p = psnr(recon, x_eval, max_db=100.0)
-    fixed = torch.arange(min(N_GRID, x_eval.shape[0]), device=s.device)
-    idx = torch.unique(torch.cat([fixed, most_recognizable(s, N_WORST).to(s.device)]))
-    return Scores(ssim=s, psnr=p, recon_idx=idx, recon=recon[idx])
+def _fitted(inputs: JobInputs, spec: str) -> Fitted | None:
+    """The transform of defense ``spec`` given to the job; never silently none for a defense that has one."""
+    f = inputs.fitted.get(spec)
+    if f is None and spec != "none" and make_defense(spec).transforms_activation:
+        raise RuntimeError(f"the job was given no fitted transform for defense {spec}")
+    return f
 
 
-def _select(attack, candidate_state: dict, spec: JobSpec, z_aux: torch.Tensor, x_aux: torch.Tensor, report: dict, candidate_converged: bool):
-    """The better (by SSIM; by MSE for images under 11x11) of ``attack`` and the candidate on the defended
-    held-out aux samples ``attack`` kept aside."""
+def _score(attack, z_eval: torch.Tensor, x_eval: torch.Tensor, modality) -> Scores:
+    recon = modality.clip(attack.reconstruct(z_eval))
+    values = modality.score(recon, x_eval)
+    head = values[modality.headline]
+    fixed = torch.arange(min(N_GRID, x_eval.shape[0]), device=head.device)
+    idx = torch.unique(torch.cat([fixed, most_recognizable(head, N_WORST).to(head.device)]))
+    return Scores(values=values, recon_idx=idx, recon=recon[idx])
+
+
+def _select(attack, candidate_state: dict, spec: JobSpec, z_aux: torch.Tensor, x_aux: torch.Tensor, report: dict,
+            candidate_converged: bool, modality):
+    """The better, by the modality's selection score (SSIM for images), of ``attack`` and the candidate on
+    the defended held-out aux samples ``attack`` kept aside."""
     other = make_attack(spec.attack, profile=spec.profile)
     other.load_state(candidate_state, tuple(z_aux.shape[1:]), tuple(x_aux.shape[1:]), device=z_aux.device)
     idx = attack.holdout
-
-    by_ssim = min(x_aux.shape[-2:]) >= 11  # the SSIM window needs 11x11; smaller images compare by MSE
+    metric = ""
 
     def score(a) -> float:  # the audit's own metric, on data the attacker has
-        rec = a.reconstruct(z_aux[idx]).clamp(0, 1)
-        return float(ssim(rec, x_aux[idx]).mean()) if by_ssim else -float((rec - x_aux[idx]).square().mean())
+        nonlocal metric
+        metric, values = modality.selection(modality.clip(a.reconstruct(z_aux[idx])), x_aux[idx])
+        return float(values.mean())
 
     mine, theirs = score(attack), score(other)
-    metric = "ssim" if by_ssim else "neg_mse"
     report["selection"] = {f"refined_holdout_{metric}": round(mine, 5), f"undefended_holdout_{metric}": round(theirs, 5)}
     if not mine >= theirs:  # a NaN refinement loses too
         report["notes"] = list(report["notes"]) + [

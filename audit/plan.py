@@ -23,10 +23,10 @@ Candidates are every (cut, defense) of the audit plus the two trivial placements
 (nothing is sent, so nothing can be rebuilt from the wire: leakage 0, SSIM shown as "nothing sent") and
 *all on the server* (the raw input is sent as 8-bit pixels: leakage 1, the input itself).
 
-Leakage is the strongest attack's mean SSIM (:meth:`AuditResult.headline`). A pair where an attack
-failed or did not converge, or whose headline row the audit flagged as a lower bound, is
-*unverified*: its SSIM is only a lower bound, so it ranks and is checked as leakage 1.0 (the worst
-case), exactly as the gate fails it.
+Leakage is the headline SSIM of the pair's assessment (:mod:`splitaudit.assess`): the strongest
+attack's mean SSIM. A pair whose ladder is incomplete (an attack failed, did not converge, or is
+flagged as a lower bound) is *unverified*: its SSIM is only a lower bound, so it ranks and is checked
+as leakage 1.0 (the worst case), exactly as the gate fails it.
 
 Recommendation: among the candidates that meet every limit, the best by the objective (default:
 lowest end-to-end latency), ties broken by cost, then leakage, then accuracy loss, then candidate
@@ -277,17 +277,6 @@ def short_defense_names(specs) -> dict[str, str]:
     return {s: v if taken[v] == 1 else s for s, v in short.items()}
 
 
-def _attack_problems(rows: list[ResultRow]) -> list[str]:
-    out = []
-    for r in rows:
-        who = r.attack + (" (adaptive)" if r.adaptive else "")
-        if r.status == "failed":
-            out.append(f"attack {who} failed")
-        elif r.status != "ok" or not r.converged:
-            out.append(f"attack {who} did not converge")
-    return out
-
-
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -334,8 +323,8 @@ def candidates(result: AuditResult, profile: PlanProfile) -> tuple[list[Candidat
         notes.append(f"rows for cut(s) {', '.join(skipped)} have no cut measurements and are left out")
     pairs = [(c, d) for c, d in pairs if c in cuts]
     rows_by_pair = {p: result.rows(cut=p[0], defense=p[1]) for p in pairs}
-    heads = {p: result.headline(*p) for p in pairs}
-    util_rows = {p: heads[p] or rows_by_pair[p][0] for p in pairs}
+    verdicts = {p: result.assessment(*p) for p in pairs}  # the one assessment every view renders
+    util_rows = {p: verdicts[p].headline or rows_by_pair[p][0] for p in pairs}
     use_acc = ref_acc is not None and all(util_rows[p].accuracy is not None for p in pairs)
     any_agree = any(util_rows[p].agreement is not None for p in pairs)
     if not use_acc and pairs:
@@ -388,14 +377,12 @@ def candidates(result: AuditResult, profile: PlanProfile) -> tuple[list[Candidat
     for pair in pairs:
         cut_name, defense = pair
         c = cuts[cut_name]
-        head, rows, urow = heads[pair], rows_by_pair[pair], util_rows[pair]
-        problems = _attack_problems(rows)
-        cnotes = list(problems)
+        verdict, urow = verdicts[pair], util_rows[pair]
+        head = verdict.headline
+        cnotes = list(verdict.problems)
         if head is None:
             cnotes.append("every attack failed: no conclusion about leakage")
-        elif head.flags:
-            cnotes.extend(head.flags)
-        verified = head is not None and _finite(head.ssim) and not problems and not head.flags
+        verified = verdict.verified and _finite(head.ssim)
         ssim = head.ssim if head is not None and _finite(head.ssim) else None
         if not verified:
             cnotes.append("unverified: its SSIM is a lower bound, so it ranks and is checked as leakage 1.0")
@@ -432,14 +419,15 @@ class Limit:
 
 _METRIC = {  # key: (words, operator, "the best" phrase, formatter)
     "max_ssim": ("SSIM", "≤", "the least leaky has", lambda v: f"{v:.3f}"),
-    "max_latency_ms": ("latency", "≤", "the fastest has", lambda v: f"{_sig(v)} ms"),
-    "max_cost": ("cost per million inferences", "≤", "the cheapest has", lambda v: f"{_sig(v)}"),
+    "max_latency_ms": ("latency", "≤", "the fastest has", lambda v: f"{sig(v)} ms"),
+    "max_cost": ("cost per million inferences", "≤", "the cheapest has", lambda v: f"{sig(v)}"),
     "min_accuracy": ("accuracy", "≥", "the most accurate has", lambda v: f"{100 * v:.1f}%"),
     "max_accuracy_drop": ("accuracy loss", "≤", "the smallest has", lambda v: f"{100 * v:.1f} points"),
 }
 
 
-def _sig(v: float, n: int = 3) -> str:
+def sig(v: float, n: int = 3) -> str:
+    """``v`` to ``n`` significant digits, with thousands separators (tables and messages)."""
     if v == 0 or not math.isfinite(v):
         return f"{v:g}"
     digits = max(0, n - 1 - int(math.floor(math.log10(abs(v)))))
@@ -509,7 +497,8 @@ def choose(cands: Sequence[Candidate], limits: Sequence[Limit], objective: str, 
     return min(ok, key=_order_key(objective))[0] if ok else None
 
 
-def _limit_text(lim: Limit) -> str:
+def limit_text(lim: Limit) -> str:
+    """A limit in words: ``SSIM ≤ 0.300``."""
     words, op, _, fmt = _METRIC[lim.key]
     return f"{words} {op} {fmt(lim.value)}"
 
@@ -534,7 +523,7 @@ def explain_unmet(cands: Sequence[Candidate], limits: Sequence[Limit], currency:
         if lim.key in ("min_accuracy", "max_accuracy_drop"):
             return f"{100 * d:.1f} points {'short' if lim.key.startswith('min_') else 'over'}"
         unit = " ms" if lim.key == "max_latency_ms" else (f" {currency}" if currency else "")
-        return f"{_sig(d)}{unit} over"
+        return f"{sig(d)}{unit} over"
 
     def describe(c, v, lim):
         words, _, phrase, fmt = _METRIC[lim.key]
@@ -549,12 +538,12 @@ def explain_unmet(cands: Sequence[Candidate], limits: Sequence[Limit], currency:
         if not any(_meets(c, lim) for c in cands):
             c, v = best(cands, lim)
             if c is None:
-                alone.append(f"no candidate has {_limit_text(lim)}: it was not measured")
+                alone.append(f"no candidate has {limit_text(lim)}: it was not measured")
             else:
-                alone.append(f"no candidate has {_limit_text(lim)}; {describe(c, v, lim)}")
+                alone.append(f"no candidate has {limit_text(lim)}; {describe(c, v, lim)}")
     if alone:
         return alone
-    lines.append("no candidate meets every limit at once (" + ", ".join(_limit_text(lim) for lim in limits) + ")")
+    lines.append("no candidate meets every limit at once (" + ", ".join(limit_text(lim) for lim in limits) + ")")
     for lim in limits:
         others = [o for o in limits if o is not lim]
         pool = [c for c in cands if all(_meets(c, o) for o in others)]
@@ -562,7 +551,7 @@ def explain_unmet(cands: Sequence[Candidate], limits: Sequence[Limit], currency:
             continue  # the other limits conflict among themselves: their own lines say how
         c, v = best(pool, lim)
         if c is not None and not _meets(c, lim):
-            lines.append(f"with the other limits met, {describe(c, v, lim)} (limit {_limit_text(lim)})")
+            lines.append(f"with the other limits met, {describe(c, v, lim)} (limit {limit_text(lim)})")
     return lines
 
 
@@ -646,7 +635,7 @@ class Plan:
 
     def failed_limits(self, c: Candidate) -> list[str]:
         """The limits ``c`` misses, as text (empty: it meets every one)."""
-        return [_limit_text(lim) for lim in self.limits if not _meets(c, lim)]
+        return [limit_text(lim) for lim in self.limits if not _meets(c, lim)]
 
     def to_dict(self) -> dict[str, Any]:
         cands = []
@@ -659,7 +648,7 @@ class Plan:
             "schema": "splitaudit-plan/1",
             "profile": self.profile.to_dict(),
             "objective": self.objective,
-            "limits": [{**asdict(lim), "text": _limit_text(lim)} for lim in self.limits],
+            "limits": [{**asdict(lim), "text": limit_text(lim)} for lim in self.limits],
             "candidates": cands,
             "pareto": list(self.pareto),
             "recommendation": {
@@ -685,7 +674,7 @@ def make_plan(result: AuditResult, profile: PlanProfile, *, flags: Constraints |
         by = {"latency": "the lowest end-to-end latency", "cost": "the lowest cost", "leakage": "the least leakage"}[objective]
         n_ok = sum(1 for c in cands if all(_meets(c, lim) for lim in limits))
         among = "the only candidate that meets " if n_ok == 1 else f"{by} among the {n_ok} candidates that meet "
-        text = f"{pick.label}: {among}" + ", ".join(_limit_text(lim) for lim in limits)
+        text = f"{pick.label}: {among}" + ", ".join(limit_text(lim) for lim in limits)
         rec = Recommendation(pick.index, text)
     else:
         unmet = explain_unmet(cands, limits, profile.currency)

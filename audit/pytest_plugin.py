@@ -17,7 +17,6 @@ which is on by default so that reruns reuse captured activations and fitted atta
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -70,7 +69,9 @@ def splitaudit_audit(request, tmp_path):
     device="cpu")``. Each call writes results.json, report.html and the reconstruction images into a
     temporary folder; rows' ``images`` are absolute paths there.
     """
-    from splitaudit.runner import AuditConfig, run_audit
+    from splitaudit.config import AuditConfig
+    from splitaudit.runner import run_audit
+    from splitaudit.writer import write
 
     opts = request.config
     calls = {"n": 0}
@@ -86,17 +87,12 @@ def splitaudit_audit(request, tmp_path):
             command=f"pytest {request.node.nodeid}",
         )
         result = run_audit(cfg)
+        write(result, out)
         report_dir = opts.getoption("splitaudit_report")
-        if report_dir:
-            from splitaudit.report.html import write_report
-
+        if report_dir:  # a self-contained folder per audit: results.json, report.html, images/
             name = re.sub(r"[^A-Za-z0-9._-]+", "_", request.node.nodeid).strip("_")[:150] + f"-{calls['n']}"
             target = Path(report_dir) / name
-            target.mkdir(parents=True, exist_ok=True)
-            if (out / "images").is_dir():  # a self-contained folder: results.json, report.html, images/
-                shutil.copytree(out / "images", target / "images", dirs_exist_ok=True)
-            result.save(target / "results.json")
-            write_report(result, target / "report.html", base=target)
+            write(result, target)
             opts.stash[_REPORTS].append(target / "report.html")
         return _absolute_images(result, out)
 

@@ -55,7 +55,7 @@ def _task(spec: JobSpec, inputs: JobInputs, events, threads: int) -> JobOutput:
         acts[k] = Activations(aux=a.aux.to(device), eval=a.eval.to(device))
     head = _resolve(inputs.head)
     resolved = JobInputs(
-        x_aux=_resolve(inputs.x_aux).to(device), x_eval=_resolve(inputs.x_eval).to(device), acts=acts,
+        x_aux=_resolve(inputs.x_aux).to(device), x_eval=_resolve(inputs.x_eval).to(device), acts=acts, fitted=inputs.fitted,
         head=None if head is None else head.to(device), base_state=_resolve(inputs.base_state),
         candidate_state=_resolve(inputs.candidate_state), candidate_converged=inputs.candidate_converged, cached=inputs.cached,
     )
@@ -69,7 +69,7 @@ def _task(spec: JobSpec, inputs: JobInputs, events, threads: int) -> JobOutput:
     out = run_job(spec, resolved, on_epoch=on_epoch)
     return JobOutput(
         spec=out.spec, report=out.report, state=_cpu(out.state), seconds=out.seconds,
-        scores={d: Scores(ssim=s.ssim.cpu(), psnr=s.psnr.cpu(), recon_idx=s.recon_idx.cpu(), recon=s.recon.cpu()) for d, s in out.scores.items()},
+        scores={d: Scores(values=_cpu(s.values), recon_idx=s.recon_idx.cpu(), recon=s.recon.cpu()) for d, s in out.scores.items()},
     )
 
 

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,26 @@ class ResultRow:
     images: str | None = None  # path of the PNG grid, relative to results.json
     defense_info: dict[str, Any] = field(default_factory=dict)
     attack_info: dict[str, Any] = field(default_factory=dict)
+    # The values of a modality's metrics that have no field of their own (``token_accuracy``,
+    # ``token_accuracy_ci``, ``baseline_token_accuracy``...): flat keys of the row in results.json.
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, str, str, bool]:
         return (self.cut, self.defense, self.attack, self.adaptive)
+
+    @classmethod
+    def make(cls, **values: Any) -> ResultRow:
+        """A row from flat keys: those with a field of their own go there, the rest into ``metrics``."""
+        known = _field_names(cls)
+        return cls(**{k: v for k, v in values.items() if k in known},
+                   metrics={k: v for k, v in values.items() if k not in known})
+
+    def value(self, key: str) -> Any:
+        """A row key by name (``ssim``, ``ssim_ci``, ``token_accuracy``), wherever it is stored; None if absent."""
+        if key in _field_names(type(self)) and key != "metrics":
+            return getattr(self, key)
+        return self.metrics.get(key)
 
 
 @dataclass(frozen=True)
@@ -95,6 +111,9 @@ class AuditResult:
     # An extra top-level key (the contract allows them): the output of ``splitaudit plan`` for a
     # deployment profile, when the audit was given ``--plan-profile``. Written only when present.
     plan: dict[str, Any] | None = None
+    # The example grids of the rows (image path -> PNG bytes), made by the audit and written by the writer
+    # beside results.json; not part of the JSON (rows name the files).
+    grids: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     # --- views -----------------------------------------------------------------------------------
     def cut(self, name: str) -> CutInfo:
@@ -111,12 +130,8 @@ class AuditResult:
         ]
 
     def headline(self, cut: str, defense: str) -> ResultRow | None:
-        """The row the user should believe for (cut, defense): the strongest attack, adaptive or not.
-
-        Strongest means highest mean SSIM (most recognizable); a failed row never wins.
-        """
-        cands = [r for r in self.rows(cut=cut, defense=defense) if r.status != "failed"]
-        return max(cands, key=lambda r: r.ssim if math.isfinite(r.ssim) else -math.inf) if cands else None
+        """The row the assessment of (cut, defense) rests on: the strongest attack, adaptive or not."""
+        return self.assessment(cut, defense).headline
 
     def defenses(self) -> list[str]:
         out: list[str] = []
@@ -127,17 +142,31 @@ class AuditResult:
 
     def summary(self) -> str:
         lines = [f"splitaudit results: model {self.model.get('spec')} on {self.data.get('spec')}, seed {self.seed}"]
-        for c in self.cuts:
-            for d in self.defenses():
-                h = self.headline(c.name, d)
-                if h:
-                    lines.append(f"  {c.name:<20} {d:<24} SSIM {h.ssim:.3f} [{h.ssim_ci[0]:.3f}, {h.ssim_ci[1]:.3f}] ({h.attack})")
+        for a in self.assessments():
+            h = a.headline
+            v = "n/a" if h is None else f"{h.ssim:.3f} [{h.ssim_ci[0]:.3f}, {h.ssim_ci[1]:.3f}] ({h.attack})"
+            lines.append(f"  {a.cut:<20} {a.defense:<24} SSIM {v}: {a.words}")
         return "\n".join(lines)
 
     # --- JSON --------------------------------------------------------------------------------------
+    def assessments(self):
+        """One :class:`~splitaudit.assess.Assessment` per (cut, defense): what every view renders."""
+        from splitaudit.assess import assess_all
+
+        return assess_all(self)
+
+    def assessment(self, cut: str, defense: str):
+        from splitaudit.assess import assess
+
+        return assess(self, cut, defense)
+
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        order = ["schema", "created", "seed", "model", "data", "environment", "config", "threshold", "notes", "cuts", "results"]
+        d = asdict(replace(self, grids={}))
+        d["results"] = [{**{k: v for k, v in r.items() if k != "metrics"}, **r["metrics"]} for r in d["results"]]
+        index = {r.key: i for i, r in enumerate(self.results)}
+        d["assessment"] = [a.to_dict(index) for a in self.assessments()]
+        order = ["schema", "created", "seed", "model", "data", "environment", "config", "threshold", "notes", "cuts", "results",
+                 "assessment"]
         if self.plan is not None:
             order.append("plan")
         return _jsonable({k: d[k] for k in order})
@@ -151,8 +180,8 @@ class AuditResult:
             raise DataError(f"not a splitaudit results file (expected schema {SCHEMA!r})")
         try:
             cuts = tuple(_build(CutInfo, c) for c in d["cuts"])
-            rows = tuple(_build(ResultRow, r) for r in d["results"])
-            kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and f.name not in ("cuts", "results")}
+            rows = tuple(_build(ResultRow, r, rest="metrics") for r in d["results"])
+            kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and f.name not in ("cuts", "results", "grids")}
             kw["notes"] = tuple(kw.get("notes", ()))
             return cls(cuts=cuts, results=rows, **kw)
         except (KeyError, TypeError) as exc:
@@ -188,17 +217,28 @@ _TUPLE_FIELDS = {"shape", "aliases", "ssim_ci", "psnr_ci", "worst_indices", "fla
 _REQUIRED_FLOATS = {"ssim", "psnr", "baseline_ssim"}  # non-finite values are written as null
 
 
-def _build(cls, d: dict[str, Any]):
-    known = {f.name for f in fields(cls)}
-    kw = {}
+def _field_names(cls) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
+
+
+def _build(cls, d: dict[str, Any], *, rest: str | None = None):
+    """``cls`` from a JSON dict. Unknown keys are dropped, or with ``rest`` kept in that dict field (a row's
+    metrics of another modality, written by a newer version: extra keys are welcome)."""
+    known = _field_names(cls)
+    kw: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     for k, v in d.items():
-        if k not in known:
-            continue  # extra keys are welcome in the file; they are not part of this version's record
+        if k not in known or k == rest:
+            if rest is not None and k != rest:
+                extra[k] = tuple(v) if k.endswith("_ci") and isinstance(v, list) else v
+            continue
         if k in _TUPLE_FIELDS and isinstance(v, list):
             v = tuple(math.nan if e is None and k.endswith("_ci") else e for e in v)
         elif k in _REQUIRED_FLOATS and v is None:
             v = math.nan
         kw[k] = v
+    if rest is not None:
+        kw[rest] = extra
     return cls(**kw)
 
 

@@ -1,16 +1,17 @@
 """The defense protocol and registry.
 
-A defense is what the device does before it sends the activation (``apply``: noise, dropout,
+A defense is what the device does before it sends the activation (``transform``: noise, dropout,
 quantization) and/or a change to the model itself (``prepare_model``: DP-SGD or NoPeek fine-tuning).
 Construction only validates the config; ``fit`` learns statistics from the attacker-visible aux
-activations (noise scale); ``apply`` transforms with an explicit generator.
+activations (noise scale) and returns an immutable :class:`Fitted` transform, which is called with an
+explicit generator.
 
 Adding a defense touches its own module, one import line in ``defenses/__init__.py`` and one test.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -42,12 +43,43 @@ class PrepareContext:
     on_epoch: Callable[[int, int, float], None] | None = None
 
 
+@dataclass(frozen=True)
+class Fitted:
+    """A defense fitted at one cut: what the device applies before sending. Immutable (scikit-learn's
+    ``fitted = defense.fit(...)``): the same defense fitted at another cut is another ``Fitted``, and
+    nothing is ever re-fitted in place. ``state`` holds what ``fit`` learnt (a noise scale, a range)."""
+
+    defense: Defense
+    state: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> str:
+        return self.defense.spec
+
+    def __call__(self, z: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
+        return self.defense.transform(z, self.state, generator=generator)
+
+    def info(self) -> dict[str, Any]:
+        return self.defense.describe(self.state)
+
+
 class Defense:
+    """A configured defense. Construction only validates; :meth:`fit` returns a :class:`Fitted` transform.
+
+    Declared abilities (the runner reads these, never probes for methods):
+
+    - ``transforms_activation``: the device changes the activation before sending (``transform``);
+    - ``stochastic``: that change draws random numbers (utility is averaged over draws);
+    - ``changes_model``: the defense changes the model itself (``prepare_model``: DP-SGD, NoPeek);
+    - ``per_cut_model``: that changed model depends on the cut (NoPeek).
+    """
+
     name: ClassVar[str] = ""
     Config: ClassVar[type]
+    transforms_activation: ClassVar[bool] = False
     stochastic: ClassVar[bool] = False
     changes_model: ClassVar[bool] = False
-    per_cut_model: ClassVar[bool] = False  # the changed model depends on the cut (NoPeek)
+    per_cut_model: ClassVar[bool] = False
 
     def __init__(self, config):
         self.config = config
@@ -57,11 +89,20 @@ class Defense:
         """The canonical spec: name plus every config value, so equal defenses compare equal."""
         return canonical_spec(self.name, asdict(self.config))
 
-    def fit(self, z_aux: torch.Tensor) -> None:
-        """Learn what ``apply`` needs from aux activations (clean, as the device would see them)."""
+    def fit(self, z_aux: torch.Tensor) -> Fitted:
+        """The transform fitted on aux activations (clean, as the device would see them)."""
+        return Fitted(self, self.fit_state(z_aux) if self.transforms_activation else {})
 
-    def apply(self, z: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
+    def fit_state(self, z_aux: torch.Tensor) -> dict[str, Any]:
+        """What ``transform`` needs, learnt from aux activations (default: nothing)."""
+        return {}
+
+    def transform(self, z: torch.Tensor, state: Mapping[str, Any], *, generator: torch.Generator | None) -> torch.Tensor:
         return z
+
+    def describe(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """What the fitted transform is, for the report (default: nothing)."""
+        return {}
 
     def prepare_model(
         self, model: nn.Module, *, cut: str | None, ctx: PrepareContext, state: dict[str, torch.Tensor] | None = None
@@ -78,9 +119,6 @@ class Defense:
         for s in shape:
             n *= s
         return 4 * n
-
-    def info(self) -> dict[str, Any]:
-        return {}
 
 
 DEFENSES: dict[str, type[Defense]] = {}

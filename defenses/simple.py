@@ -37,16 +37,17 @@ class NoiseConfig:
 @register_defense("noise")
 class NoiseDefense(Defense):
     Config = NoiseConfig
+    transforms_activation = True
     stochastic = True
 
-    def fit(self, z_aux: torch.Tensor) -> None:
-        self.scale = float(z_aux.float().std()) * self.config.sigma
+    def fit_state(self, z_aux):
+        return {"scale": float(z_aux.float().std()) * self.config.sigma}
 
-    def apply(self, z, *, generator):
-        return z + self.scale * noise_like(z, generator, self.config.kind)
+    def transform(self, z, state, *, generator):
+        return z + state["scale"] * noise_like(z, generator, self.config.kind)
 
-    def info(self):
-        return {"noise_std": getattr(self, "scale", None)}
+    def describe(self, state):
+        return {"noise_std": state.get("scale")}
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,10 @@ class DropoutDefense(Defense):
     """Zero each element with probability p; scale the rest by 1/(1-p) like nn.Dropout."""
 
     Config = DropoutConfig
+    transforms_activation = True
     stochastic = True
 
-    def apply(self, z, *, generator):
+    def transform(self, z, state, *, generator):
         gen_device = generator.device if generator is not None else z.device
         keep = torch.rand(z.shape, generator=generator, device=gen_device) >= self.config.p
         return z * keep.to(z.device, z.dtype) / (1 - self.config.p)
@@ -77,16 +79,17 @@ class QuantDefense(Defense):
     """Uniform B-bit quantization over the activation's aux range [lo, hi] (values outside clip)."""
 
     Config = QuantConfig
+    transforms_activation = True
 
-    def fit(self, z_aux):
-        self.lo = float(z_aux.min())
-        self.hi = float(z_aux.max())
+    def fit_state(self, z_aux):
+        return {"lo": float(z_aux.min()), "hi": float(z_aux.max())}
 
-    def apply(self, z, *, generator):
+    def transform(self, z, state, *, generator):
+        lo, hi = state["lo"], state["hi"]
         levels = 2**self.config.bits - 1
-        span = max(self.hi - self.lo, 1e-12)
-        q = torch.round((z.clamp(self.lo, self.hi) - self.lo) / span * levels)
-        return q / levels * span + self.lo
+        span = max(hi - lo, 1e-12)
+        q = torch.round((z.clamp(lo, hi) - lo) / span * levels)
+        return q / levels * span + lo
 
     def wire_bytes(self, shape):
         n = 1
@@ -94,5 +97,5 @@ class QuantDefense(Defense):
             n *= s
         return (n * self.config.bits + 7) // 8 + 8  # packed codes + the (lo, hi) pair as float32
 
-    def info(self):
-        return {"range": [getattr(self, "lo", None), getattr(self, "hi", None)]}
+    def describe(self, state):
+        return {"range": [state.get("lo"), state.get("hi")]}

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitaudit.attacks import AttackContext, make_attack
-from splitaudit.attacks.decoder import InverseNet, _standardizer
+from splitaudit.attacks.decoder import _standardizer
+from splitaudit.attacks.image import InverseNet
 from splitaudit.attacks.training import TrainConfig, train
 from splitaudit.errors import SpecError
 from splitaudit.metrics import ssim
@@ -141,7 +142,8 @@ def test_training_does_not_import_dynamo():
 
 @pytest.mark.parametrize("act_shape", [(6, 28, 28), (16, 10, 10), (120,)])
 def test_folded_decoder_reconstructs_as_the_decoder_does(act_shape):
-    from splitaudit.attacks.decoder import _folded, _nhwc
+    from splitaudit.attacks.decoder import _nhwc
+    from splitaudit.attacks.image import folded as _folded
 
     torch.manual_seed(0)
     net = _nhwc(InverseNet(act_shape, (1, 28, 28), 32))

@@ -9,9 +9,11 @@ import sys
 import pytest
 import torch
 
+from splitaudit.defenses import make_defense
 from splitaudit.jobs import Activations, JobInputs, JobSpec, run_job
 from splitaudit.progress import Reporter, Task
 from splitaudit.runner import NOT_RUN, AuditConfig, AuditInterrupted, run_audit
+from splitaudit.writer import write
 from tests.conftest import write_tiny_npz
 
 # A model whose forward fails while something differentiates through it with respect to the input:
@@ -149,6 +151,7 @@ def test_an_interrupt_keeps_finished_rows_and_writes_a_whole_file(npz, tmp_path)
     with pytest.raises(AuditInterrupted) as info:
         run_audit(_config(npz, out=str(out), workers=1), reporter=_InterruptAfter(5))
     result = info.value.result
+    write(result, out)  # what the CLI does with an interrupted audit
     assert result.config["interrupted"] is True
     done = [r for r in result.results if r.status != "failed"]
     not_run = [r for r in result.results if r.error == NOT_RUN]
@@ -210,7 +213,8 @@ def _job_data(seed=0):
     x = torch.rand(120, 1, 12, 12, generator=g)
     z = torch.nn.functional.avg_pool2d(x, 2).repeat(1, 3, 1, 1)
     return JobInputs(x_aux=x[:90], x_eval=x[90:], acts={"none": Activations(aux=z[:90], eval=z[90:]),
-                                                         "noise:sigma=1,kind=gaussian": Activations(aux=z[:90], eval=z[90:])})
+                                                         "noise:sigma=1,kind=gaussian": Activations(aux=z[:90], eval=z[90:])},
+                     fitted={"noise:sigma=1,kind=gaussian": make_defense("noise:sigma=1").fit(z[:90])})
 
 
 def test_a_refinement_trains_exactly_its_budget_from_the_base():
@@ -240,7 +244,7 @@ def test_the_adaptive_attacker_keeps_the_undefended_one_when_it_rebuilds_defende
 
 
 def test_full_resolution_decoding_for_an_activation_at_the_inputs_resolution():
-    from splitaudit.attacks.decoder import InverseNet
+    from splitaudit.attacks.image import InverseNet
 
     z = torch.randn(4, 6, 28, 28)
     half, full = InverseNet((6, 28, 28), (1, 28, 28), 32), InverseNet((6, 28, 28), (1, 28, 28), 32, full_res=True)
@@ -254,6 +258,7 @@ def test_an_interrupt_during_a_ray_run_cancels_its_tasks_and_keeps_finished_rows
     with pytest.raises(AuditInterrupted) as info:
         run_audit(_config(npz, out=str(out), executor="ray"), reporter=_InterruptAfter(4))
     result = info.value.result
+    write(result, out)
     assert result.config["interrupted"] is True and result.config["executor"] == "ray"
     assert any(r.error == NOT_RUN for r in result.results)
     assert json.loads((out / "results.json").read_text())["config"]["interrupted"] is True
@@ -296,7 +301,7 @@ def test_the_adaptive_selection_works_on_images_too_small_for_ssim():
     x = torch.rand(100, 1, 8, 8, generator=g)
     z = torch.nn.functional.avg_pool2d(x, 2).repeat(1, 3, 1, 1)
     acts = {"none": Activations(aux=z[:80], eval=z[80:]), "noise:sigma=1,kind=gaussian": Activations(aux=z[:80], eval=z[80:])}
-    inputs = JobInputs(x_aux=x[:80], x_eval=x[80:], acts=acts)
+    inputs = JobInputs(x_aux=x[:80], x_eval=x[80:], acts=acts, fitted={"noise:sigma=1,kind=gaussian": make_defense("noise:sigma=1").fit(z[:80])})
     base = run_job(JobSpec(cut="c", attack="decoder", defense="none", kind="fit", profile="quick", seed=0), inputs)
     spec = JobSpec(cut="c", attack="decoder", defense="noise:sigma=1,kind=gaussian", kind="refine", profile="quick", seed=0, epochs=1)
     out = run_job(spec, JobInputs(**{**inputs.__dict__, "base_state": base.state, "candidate_state": base.state}))
@@ -313,3 +318,11 @@ def test_a_reporter_written_before_keep_still_works(npz):
 
     result = run_audit(_config(npz, cuts=("stem",), defenses=("none",), workers=1), reporter=Old())
     assert result.results and any(d.startswith("attack jobs") for d in opened)
+
+
+def test_a_job_refuses_to_train_on_a_defense_it_was_given_no_transform_for():
+    """A defended job without its fitted transform would silently train on clean activations."""
+    inputs = _job_data()
+    spec = JobSpec(cut="c", attack="decoder", defense="noise:sigma=1,kind=gaussian", kind="fit", profile="quick", seed=0)
+    with pytest.raises(RuntimeError, match="no fitted transform"):
+        run_job(spec, JobInputs(**{**inputs.__dict__, "fitted": {}}))

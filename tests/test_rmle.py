@@ -90,7 +90,7 @@ def test_rmle_notes_a_head_whose_output_depends_on_the_batch():
 
 def test_rmle_needs_the_head_and_a_fit():
     attack = make_attack("rmle", profile="quick")
-    assert attack.white_box and attack.needs_fit and not hasattr(attack, "warm_start_from")
+    assert attack.white_box and attack.needs_fit and not attack.warm_start  # declared: refitted per defense, never refined
     with pytest.raises(RuntimeError, match="fit"):
         attack.reconstruct(torch.zeros(2, 4))
     ctx = AttackContext((1, 12, 12), (4,), "quick", torch.Generator().manual_seed(0))

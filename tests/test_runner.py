@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from splitaudit.results import ResultRow
-from splitaudit.runner import AuditConfig, _flag_inversions, job_generator, run_audit
+from splitaudit.config import AuditConfig
+from splitaudit.rows import flag_inversions
+from splitaudit.runner import run_audit
+from splitaudit.seeding import job_generator
 from tests.conftest import write_tiny_npz
 
 
@@ -36,10 +39,10 @@ def test_ssim_falls_as_sigma_rises(noise_audit):
 
 def test_undefended_row_is_flagged_when_a_defended_attacker_beats_it():
     rows = [_row("a", 0.5, (0.48, 0.52)), _row("a", 0.7, (0.68, 0.72), "noise:sigma=0.1,kind=gaussian")]
-    _flag_inversions(rows)
+    rows = flag_inversions(rows)
     assert rows[0].flags and "under noise:sigma=0.1" in rows[0].flags[0]
     rows = [_row("a", 0.5, (0.48, 0.52)), _row("a", 0.7, (0.68, 0.72), "dpsgd:epsilon=8")]
-    _flag_inversions(rows)  # a fine-tuned model is another model: no comparison
+    rows = flag_inversions(rows)  # a fine-tuned model is another model: no comparison
     assert not rows[0].flags
 
 
@@ -82,23 +85,23 @@ def _row(cut, ssim, ci, defense="none"):
 
 def test_a_cut_that_leaks_less_than_a_deeper_one_is_flagged():
     rows = [_row("a", 0.5, (0.48, 0.52)), _row("b", 0.7, (0.68, 0.72)), _row("c", 0.51, (0.49, 0.53))]
-    _flag_inversions(rows)
+    rows = flag_inversions(rows)
     assert rows[0].flags and "deeper cut b" in rows[0].flags[0]
     assert not rows[1].flags and not rows[2].flags
     # overlapping intervals are not flagged, and noise rows are never compared across cuts
     rows = [_row("a", 0.5, (0.4, 0.6)), _row("b", 0.55, (0.5, 0.6))]
     noisy = [_row("a", 0.2, (0.19, 0.21), "noise:sigma=1"), _row("b", 0.7, (0.69, 0.71), "noise:sigma=1")]
-    _flag_inversions(rows)
-    _flag_inversions(noisy)
+    rows = flag_inversions(rows)
+    noisy = flag_inversions(noisy)
     assert not any(r.flags for r in rows + noisy)
     # Quantization at different cuts, and NoPeek's per-cut models, are not ordered either; DP-SGD's
     # one fine-tuned model is.
     for spec in ("quant:bits=4", "nopeek:weight=1"):
         other = [_row("a", 0.2, (0.19, 0.21), spec), _row("b", 0.7, (0.69, 0.71), spec)]
-        _flag_inversions(other)
+        other = flag_inversions(other)
         assert not any(r.flags for r in other), spec
     dp = [_row("a", 0.2, (0.19, 0.21), "dpsgd:epsilon=8"), _row("b", 0.7, (0.69, 0.71), "dpsgd:epsilon=8")]
-    _flag_inversions(dp)
+    dp = flag_inversions(dp)
     assert dp[0].flags
 
 
@@ -153,12 +156,12 @@ def test_fine_tuning_beside_the_attack_jobs_is_reproducible(tmp_path):
 def test_a_failed_fine_tuning_fails_only_its_own_rows(tmp_path, monkeypatch, attack):
     """The undefended attacker also scores on the fine-tuned model's activations; when that model
     never comes, its rows say why and every other row keeps its numbers (a refined or a fitted attack)."""
-    import splitaudit.runner as runner
+    from splitaudit.prepared import PreparedModels
 
     def crash(*args, **kwargs):
         raise RuntimeError("fine-tuning crashed")
 
-    monkeypatch.setattr(runner, "_prepare_model", crash)
+    monkeypatch.setattr(PreparedModels, "_fine_tune", crash)
     npz = write_tiny_npz(tmp_path / "d.npz", n=240)
     res = run_audit(AuditConfig(model="tests/tiny.py:build", data=str(npz), cuts=("stem",), profile="quick", use_cache=False,
                                 defenses=("none", "noise:sigma=1", "dpsgd:epsilon=8"), attacks=(attack,), device="cpu"))
@@ -193,8 +196,9 @@ def test_a_defense_the_model_rejects_leaves_the_others_their_utility(tmp_path):
     @register_defense("halvefortest")
     class _Halve(Defense):  # pools the activation 2x: the tail cannot take it
         Config = _Cfg
+        transforms_activation = True
 
-        def apply(self, z, *, generator):
+        def transform(self, z, state, *, generator):
             return F.avg_pool2d(z, 2)
 
     try:

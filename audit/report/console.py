@@ -7,20 +7,10 @@ import math
 from rich.console import Console
 from rich.table import Table
 
-from splitaudit.results import AuditResult, ResultRow
+from splitaudit.results import AuditResult
 
 
-def verdict(row: ResultRow, threshold: float) -> str:
-    """Plain words, never "safe": what the attacks that ran achieved."""
-    if row.status == "failed":
-        return "attack failed: no conclusion"
-    if row.ssim > threshold:
-        text = "recognizable"
-    else:
-        text = "not recognizable by the attacks run"
-    if not row.converged or row.flags:
-        text += " (lower bound)"
-    return text
+STYLE = {"recognizable": "red", "no_leakage_beyond_prior": "green", "not_recognizable": "green", "no_conclusion": "yellow"}
 
 
 def _kb(n: int | None) -> str:
@@ -48,24 +38,27 @@ def cuts_table(rows: list[dict], *, title: str = "candidate cuts", compact: bool
 
 
 def audit_table(result: AuditResult) -> Table:
-    """One line per (cut, defense): the headline row, i.e. the strongest attack, adaptive or not."""
+    """One line per (cut, defense): its assessment and the headline row it rests on (the strongest attack)."""
     thr = result.threshold
     t = Table(title=f"leakage by cut (threshold SSIM {thr:.2f}; higher = more recognizable)")
     for col in ("cut", "shape", "KB/sample", "head MFLOPs", "defense", "SSIM [95% CI]", "PSNR dB", "baseline", "acc", "verdict"):
         t.add_column(col, justify="left" if col in ("cut", "shape", "defense", "verdict") else "right")
-    for c in result.cuts:
-        for d in result.defenses():
-            h = result.headline(c.name, d)
-            if h is None:
-                continue
-            style = "red" if h.ssim > thr else "green"
-            attack = h.attack + (" adaptive" if h.adaptive else "")
-            t.add_row(
-                c.name, "×".join(map(str, c.shape)), _kb(h.bytes_per_sample or c.bytes_per_sample), f"{c.head_flops / 1e6:.3f}",
-                d, f"{h.ssim:.3f} [{h.ssim_ci[0]:.3f}, {h.ssim_ci[1]:.3f}]",
-                "inf" if not math.isfinite(h.psnr) else f"{h.psnr:.1f}", f"{h.baseline_ssim:.3f}",
-                "-" if h.accuracy is None else f"{h.accuracy:.3f}", f"[{style}]{verdict(h, thr)}[/{style}] ({attack})",
-            )
+    info = {c.name: c for c in result.cuts}
+    for a in result.assessments():
+        c, h = info.get(a.cut), a.headline
+        style = STYLE[a.status] if not a.failed else "red"
+        shape = "×".join(map(str, c.shape)) if c else "n/a"
+        flops = f"{c.head_flops / 1e6:.3f}" if c else "n/a"
+        if h is None:  # every attack failed: shown, as a failure
+            t.add_row(a.cut, shape, "-", flops, a.defense, "-", "-", "-", "-", f"[{style}]{a.words}[/{style}]")
+            continue
+        attack = h.attack + (" adaptive" if h.adaptive else "")
+        t.add_row(
+            a.cut, shape, _kb(h.bytes_per_sample or (c.bytes_per_sample if c else None)), flops,
+            a.defense, f"{h.ssim:.3f} [{h.ssim_ci[0]:.3f}, {h.ssim_ci[1]:.3f}]",
+            "inf" if not math.isfinite(h.psnr) else f"{h.psnr:.1f}", f"{h.baseline_ssim:.3f}",
+            "-" if h.accuracy is None else f"{h.accuracy:.3f}", f"[{style}]{a.words}[/{style}] ({attack})",
+        )
     return t
 
 
@@ -82,7 +75,7 @@ def print_audit(result: AuditResult, console: Console | None = None) -> None:
 
 # --- the plan ------------------------------------------------------------------------------------------
 def _sig(v: float | None, n: int = 3) -> str:
-    from splitaudit.plan import _sig as sig
+    from splitaudit.plan import sig
 
     return "-" if v is None else sig(v, n)
 
@@ -109,9 +102,9 @@ def plan_header(plan) -> list[str]:
 
 
 def _limit(lim) -> str:
-    from splitaudit.plan import _limit_text
+    from splitaudit.plan import limit_text
 
-    return _limit_text(lim)
+    return limit_text(lim)
 
 
 def plan_table(plan, *, show_all: bool = False) -> Table:

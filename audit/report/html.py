@@ -5,9 +5,8 @@ it may point outside itself. Every string that comes from the user (module names
 the command line) reaches the page only through jinja2 with autoescape on; this module never builds
 markup by hand. The only values marked safe are the data URIs this module makes itself.
 
-The report reads the same :class:`~audit.results.AuditResult` as the console and the gate, and uses
-:meth:`AuditResult.headline` (the strongest attack, adaptive or not) for every verdict, with the
-wording of :func:`splitaudit.report.console.verdict`.
+The report reads the same :class:`~splitaudit.results.AuditResult` as the console and the gate, and
+renders each pair's assessment (:mod:`splitaudit.assess`): its status, words, reasons and headline row.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from typing import Any
 
 import jinja2
 
-from splitaudit.report.console import verdict
+from splitaudit.assess import Assessment
 from splitaudit.report.plots import CurvePoint, PlanPoint, TradePoint, leakage_curve, pareto_front, plan_front, tradeoff, warm_plots
 from splitaudit.results import AuditResult, ResultRow, atomic_write_text
 
@@ -44,14 +43,15 @@ class Verdict:
     cut: str
     defense: str
     undefended: bool
-    text: str  # verdict() wording
-    kind: str  # leak | noleak | failed | bound
+    text: str  # the assessment's words
+    kind: str  # leak | noleak | failed | bound (no conclusion)
     ssim: float
     lo: float
     hi: float
     straddles: bool
     attack: str
     accuracy_note: str = ""
+    reasons: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,12 +118,10 @@ def _attack_name(row: ResultRow) -> str:
     return row.attack + (" (adaptive)" if row.adaptive else "")
 
 
-def _kind(row: ResultRow, threshold: float) -> str:
-    if row.status == "failed":
+def _kind(a: Assessment) -> str:
+    if a.failed:
         return "failed"
-    if row.ssim > threshold:
-        return "leak"
-    return "bound" if (not row.converged or row.flags) else "noleak"
+    return {"recognizable": "leak", "no_conclusion": "bound"}.get(a.status, "noleak")
 
 
 def _finite(v: float | None) -> bool:
@@ -157,8 +155,13 @@ def image_uri(base: Path | None, rel: str | None) -> tuple[str | None, str | Non
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii"), None
 
 
-def _verdict(result: AuditResult, row: ResultRow, *, undefended: bool, ref_acc: float | None) -> Verdict:
+def _verdict(result: AuditResult, a: Assessment, *, undefended: bool, ref_acc: float | None) -> Verdict:
     thr = result.threshold
+    row = a.headline
+    if row is None:
+        nan = math.nan
+        return Verdict(cut=a.cut, defense=a.defense, undefended=undefended, text=a.words, kind="failed", ssim=nan, lo=nan, hi=nan,
+                       straddles=False, attack="", reasons=a.reasons)
     lo, hi = row.ssim_ci
     acc_note = ""
     if not undefended and row.accuracy is not None:
@@ -166,9 +169,10 @@ def _verdict(result: AuditResult, row: ResultRow, *, undefended: bool, ref_acc: 
         if ref_acc is not None:
             acc_note += f" ({100 * (row.accuracy - ref_acc):+.1f} points)".replace("-", "−")
     return Verdict(
-        cut=row.cut, defense=row.defense, undefended=undefended, text=verdict(row, thr), kind=_kind(row, thr),
+        cut=row.cut, defense=row.defense, undefended=undefended, text=a.words, kind=_kind(a),
         ssim=row.ssim, lo=lo, hi=hi,
         straddles=_finite(lo) and _finite(hi) and lo <= thr < hi, attack=_attack_name(row), accuracy_note=acc_note,
+        reasons=a.reasons if a.status == "no_conclusion" else (),
     )
 
 
@@ -251,7 +255,7 @@ def _plan_view(plan: Any, threshold: float) -> dict[str, Any] | None:
 def _mbit(v: Any) -> str:
     if not isinstance(v, (int, float)) or not math.isfinite(v):
         return "n/a"
-    from splitaudit.plan import _sig
+    from splitaudit.plan import sig as _sig
 
     return _sig(float(v), 2)
 
@@ -264,7 +268,7 @@ def _g(v: Any) -> str:
 def _sig3(v: Any) -> str:
     if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
         return "n/a"
-    from splitaudit.plan import _sig
+    from splitaudit.plan import sig as _sig
 
     return _sig(float(v), 3)
 
@@ -280,18 +284,23 @@ def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str,
     defenses = result.defenses()
     cut_info = {c.name: c for c in result.cuts}
 
-    # 1. verdicts
+    # 1. verdicts: each pair's assessment
+    verdicts = {(a.cut, a.defense): a for a in result.assessments()}
     summaries: list[CutSummary] = []
     for cut in cut_names:
-        undef = result.headline(cut, "none")
-        others = [h for d in defenses if d != "none" and (h := result.headline(cut, d)) is not None]
-        best = min(others, key=lambda r: (r.ssim if _finite(r.ssim) else math.inf, -(r.accuracy or 0))) if others else None
+        undef = verdicts.get((cut, "none"))
+        others = [a for d in defenses if d != "none" and (a := verdicts.get((cut, d))) is not None]
+        # The most protective defense is picked among those the ladder concluded on; one whose adaptive
+        # attack failed is never the best (it is shown only when no defense reached a conclusion).
+        pool = [a for a in others if a.verified] or others
+        best = min(pool, key=lambda a: (a.value if a.value is not None else math.inf,
+                                        -((a.headline.accuracy if a.headline else None) or 0))) if pool else None
         info = cut_info.get(cut)
         summaries.append(
             CutSummary(
                 cut=cut, shape="×".join(map(str, info.shape)) if info else "n/a",
                 undefended=_verdict(result, undef, undefended=True, ref_acc=None) if undef else None,
-                best=_verdict(result, best, undefended=False, ref_acc=_reference_accuracy(result, cut, best)) if best else None,
+                best=_verdict(result, best, undefended=False, ref_acc=_reference_accuracy(result, cut, best.headline)) if best else None,
             )
         )
     n_leak_undef = sum(1 for s in summaries if s.undefended and s.undefended.kind == "leak")
@@ -403,6 +412,8 @@ def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str,
 
     return {
         "r": result,
+        "kind_of": lambda row: _kind(verdicts[(row.cut, row.defense)]),
+        "words_of": lambda row: verdicts[(row.cut, row.defense)].words,
         "plan": _plan_view(result.plan, thr),
         "threshold": thr,
         "cut_names": cut_names,
@@ -447,10 +458,7 @@ def _environment(threshold: float) -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(
-        num=_num, kb=_kb, mflops=_mflops, pct=_pct, sig=_sig3, g=_g,
-        verdict=lambda row: verdict(row, threshold), kind=lambda row: _kind(row, threshold),
-    )
+    env.filters.update(num=_num, kb=_kb, mflops=_mflops, pct=_pct, sig=_sig3, g=_g)
     env.tests["finite"] = _finite
     return env
 

@@ -1,0 +1,111 @@
+"""What is specific to a kind of data, behind one interface: a modality.
+
+The audit's stages (scenario, jobs, rows, views) never look at pixels or tokens themselves. They ask
+the modality of the audit to load its data, to score reconstructions, to make the no-information
+guess, to draw example grids, and to build and train the decoder's network. Images are the first
+modality (``attacks/image.py``). A second one (text) is a new module that subclasses
+:class:`Modality` and registers itself with :func:`register_modality`; nothing in ``audit/`` changes.
+
+Metrics are per sample, and higher always means a better reconstruction (more leakage), so every
+view can rank, average and bootstrap them the same way (torchmetrics' ``higher_is_better``, fixed
+to True here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from splitaudit.errors import SpecError
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    name: str  # the row key: ssim, psnr, token_accuracy, ...
+    label: str  # for tables and messages
+    digits: int = 3  # shown in tables
+    precision: int = 5  # kept in results.json
+    range: tuple[float, float] | None = (0.0, 1.0)  # the metric's possible values; None: unbounded
+
+
+class Modality:
+    """One kind of data. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str] = ""
+    metrics: ClassVar[tuple[MetricInfo, ...]] = ()
+    headline: ClassVar[str] = ""  # the metric verdicts, thresholds and rankings rest on
+
+    # -- data --
+    def claims(self, data_spec: str) -> bool:
+        """Whether this modality loads ``data_spec`` (the image modality is the fallback)."""
+        return False
+
+    def load_data(self, spec: str):
+        raise NotImplementedError
+
+    def check_data(self, dataset, spec: str) -> None:
+        """Refuse data this modality cannot score (say, images smaller than SSIM's window)."""
+
+    # -- scoring --
+    def score(self, recon: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample values of every metric in :attr:`metrics`, each of shape ``(N,)``."""
+        raise NotImplementedError
+
+    def prior(self, x_aux: torch.Tensor) -> torch.Tensor:
+        """The attacker's best guess without the activation, for one sample (batch dimension 1)."""
+        raise NotImplementedError
+
+    def selection_score(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample score an attacker uses to compare two attacks on its own aux data (higher: better)."""
+        return self.score(recon, x)[self.headline]
+
+    def clip(self, recon: torch.Tensor) -> torch.Tensor:
+        """A reconstruction brought into the data's own range."""
+        return recon
+
+    # -- the decoder attack --
+    def decoder(self, act_shape: tuple[int, ...], input_shape: tuple[int, ...], *, width: int, full_res: bool) -> nn.Module:
+        """The inverse network from an activation of ``act_shape`` to an input of ``input_shape``."""
+        raise NotImplementedError
+
+    reconstruction_loss: ClassVar[Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None] = None
+
+    # -- views --
+    def examples(self, x: torch.Tensor, recon: torch.Tensor, *, fixed: torch.Tensor, ranked: torch.Tensor,
+                 values: torch.Tensor) -> bytes:
+        """A picture of some originals next to their reconstructions (PNG bytes): ``fixed`` samples shown in
+        every row, then ``ranked`` ones (the most recognizable), each labelled with its ``values``."""
+        raise NotImplementedError
+
+    def metric(self, name: str) -> MetricInfo:
+        return next(m for m in self.metrics if m.name == name)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "headline": self.headline, "metrics": [m.name for m in self.metrics]}
+
+
+MODALITIES: dict[str, Modality] = {}
+FALLBACK = "image"
+
+
+def register_modality(cls: type[Modality]) -> type[Modality]:
+    MODALITIES[cls.name] = cls()
+    return cls
+
+
+def get_modality(name: str) -> Modality:
+    if name not in MODALITIES:
+        raise SpecError(f"unknown modality {name!r}; known modalities: {', '.join(sorted(MODALITIES))}")
+    return MODALITIES[name]
+
+
+def modality_for(data_spec: str) -> Modality:
+    """The modality that claims ``data_spec``; the image modality for everything none claims."""
+    for m in MODALITIES.values():
+        if m.name != FALLBACK and m.claims(data_spec):
+            return m
+    return MODALITIES[FALLBACK]

@@ -1,0 +1,39 @@
+"""Every cache key of an audit, built here and nowhere else.
+
+A key is a hash of everything the cached value depends on (:func:`splitaudit.cache.key_of` adds the
+package version). Keeping them in one module makes it possible to check, in one place, that nothing a
+value depends on is missing from its key.
+"""
+
+from __future__ import annotations
+
+from splitaudit.cache import key_of
+
+
+def flops(model_hash: str, input_shape: tuple[int, ...], cut: str | None) -> str:
+    """The head's FLOPs at ``cut`` (None: the whole model) for one input of ``input_shape``."""
+    return key_of("flops", model_hash, tuple(input_shape), cut)
+
+
+def activations(model_hash: str, data_hash: str, seed: int, profile: str, cut: str, aux_key: tuple) -> str:
+    """A model's activations at ``cut`` for the attacker's queries and the evaluation inputs (the split
+    depends on the data, the seed and the profile's sizes; the queries on ``aux_key``)."""
+    return key_of("act", model_hash, data_hash, seed, profile, cut, aux_key)
+
+
+def attack_job(*, cut: str, attack: str, defense: str, kind: str, profile: str, seed: int, epochs: int | None,
+               has_candidate: bool, trained_model: str, victim: str, data_hash: str, aux_key: tuple) -> str:
+    """A fitted attack: what it was trained on (the model whose activations, the victim it refines from,
+    the data and queries) and how (spec fields); not what it is scored on or how its progress bar reads."""
+    what = (cut, attack, defense, kind, profile, seed, epochs, has_candidate)
+    return key_of("attack-job", what, trained_model, victim, data_hash, aux_key)
+
+
+def utility(*, model_hash: str, victim: str, data_hash: str, cut: str, defense: str, seed: int, profile: str) -> str:
+    """Accuracy and agreement of ``defense`` at ``cut`` on ``model_hash`` (agreement is with ``victim``)."""
+    return key_of("utility", model_hash, victim, data_hash, cut, defense, seed, profile)
+
+
+def prepared_model(*, victim: str, data_hash: str, defense: str, cut: str | None, profile: str, seed: int) -> str:
+    """The model a defense changes (DP-SGD, NoPeek) from ``victim``, fine-tuned on the victim split."""
+    return key_of("prepared", victim, data_hash, defense, cut, profile, seed)

@@ -1,0 +1,169 @@
+"""Scoring and rows: a cut's job outputs, utilities and latencies turned into :class:`ResultRow` objects.
+
+Each row summarizes the per-sample scores of one (cut, defense, attack, adaptive) with the shared
+bootstrap resamples (mean, 95% interval, the worst sample) for every metric of the modality, next to
+the no-information baseline. Example grids (PNG bytes) are made here, for the rows an attacker would
+pick, and handed to the writer, which is the only code that writes files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import replace
+
+import torch
+
+from splitaudit.jobs import N_GRID, N_WORST, Scores
+from splitaudit.metrics import most_recognizable, summarize
+from splitaudit.results import ResultRow
+from splitaudit.scheduler import NOT_RUN, Scheduler
+
+
+def image_name(cut: str, defense: str, attack: str, adaptive: bool) -> str:
+    """The grid's file name (relative to results.json): readable, and unique by its hash suffix."""
+    name = f"{cut}__{defense}__{attack}{'__adaptive' if adaptive else ''}"
+    keep = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
+    return f"images/{keep[:120]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}.png"
+
+
+def _r(v: float | None, nd: int = 5) -> float | None:
+    return None if v is None else round(v, nd)
+
+
+class RowBuilder:
+    """``build(cut)`` once a cut's jobs have ended (``all()`` builds any left, for cuts an interrupt left
+    unfinished, and returns every row in grid order, flagged)."""
+
+    def __init__(self, scenario, scheduler: Scheduler, latency, utility, prepared, phase, *, grids: bool):
+        self.s, self.sched, self.latency, self.utility, self.prepared, self.phase = scenario, scheduler, latency, utility, prepared, phase
+        self.want_grids = grids
+        self.by_cut: dict[str, list[ResultRow]] = {}
+        self.grids: dict[str, bytes] = {}  # image path -> PNG bytes
+
+    def build(self, cut: str) -> None:
+        s, sched = self.s, self.sched
+        info = s.cut(cut)
+        sched.plan(cut)  # a cut the audit never reached (interrupted) still lists every row it owes
+        rows: list[ResultRow] = []
+        with self.phase("scoring"):
+            for defense in s.defenses:
+                spec = defense.spec
+                dinfo = self.prepared.info(defense, cut)
+                fitted = sched.fitted.get((cut, spec))
+                util = self.utility.results.get((cut, spec), {})
+                common = dict(
+                    cut=cut, defense=spec, n_eval=s.n_eval, accuracy=_r(util.get("accuracy")), agreement=_r(util.get("agreement")),
+                    **self.latency.row_fields(cut, spec), epsilon=dinfo.get("epsilon"), delta=dinfo.get("delta"),
+                    bytes_per_sample=defense.wire_bytes(info.shape),
+                    defense_info={**dinfo, **(fitted.info() if fitted is not None else {})},
+                    **{f"baseline_{m.name}": round(float(s.baseline[m.name].mean()), m.precision) for m in s.modality.metrics},
+                )
+                for attack in s.config.attacks:
+                    variants = []
+                    if spec != "none" and (cut, attack, spec) in sched.jobs:
+                        variants.append((True, *sched.output(cut, attack, spec)))
+                    variants.append((False, *sched.output(cut, attack, "clean")))
+                    for adaptive, output, report in variants:
+                        scores = output.scores.get(spec) if output is not None else None
+                        if output is not None and scores is None:
+                            report = {"converged": False, "error": self.prepared.error(defense, cut) or NOT_RUN}
+                        rows.append(self._row(common, attack, adaptive, scores, report))
+        self.by_cut[cut] = rows
+
+    def _row(self, common: dict, attack: str, adaptive: bool, scores: Scores | None, report: dict) -> ResultRow:
+        s, modality = self.s, self.s.modality
+        if scores is None:
+            nan = math.nan
+            empty = {k: v for m in modality.metrics for k, v in ((m.name, nan), (f"{m.name}_ci", (nan, nan)))}
+            return ResultRow.make(attack=attack, adaptive=adaptive, converged=False, status="failed", error=report.get("error"),
+                                  flags=(f"attack failed: {report.get('error')}",), **empty, **common)
+        values = {}
+        for m in modality.metrics:
+            summ = summarize(scores.values[m.name], resamples=s.resamples)
+            values[m.name] = round(summ.mean, m.precision)
+            values[f"{m.name}_ci"] = (round(summ.ci[0], m.precision), round(summ.ci[1], m.precision))
+        head = scores.values[modality.headline]
+        worst = most_recognizable(head, N_WORST)
+        images = None
+        # Grids for every row an attacker would pick: undefended, and adaptive under a defense. The naive
+        # (non-adaptive) rows only show the gap in numbers.
+        if self.want_grids and (adaptive or common["defense"] == "none"):
+            images = image_name(common["cut"], common["defense"], attack, adaptive)
+            recon = torch.zeros_like(s.x_eval)
+            recon[scores.recon_idx] = scores.recon.to(recon.device)
+            fixed = torch.arange(min(N_GRID, s.n_eval))
+            self.grids[images] = modality.examples(s.x_eval, recon, fixed=fixed, ranked=worst, values=head)
+        converged = bool(report.get("converged", True))
+        flags = () if converged else ("attack did not beat the no-information guess on held-out aux data; its SSIM is a lower bound",)
+        return ResultRow.make(
+            attack=attack, adaptive=adaptive, **values, worst_ssim=round(float(head.max()), 5),
+            worst_indices=tuple(int(i) for i in worst), converged=converged, status="ok" if converged else "not_converged",
+            flags=flags, notes=tuple(report.get("notes", ())), train_seconds=report.get("seconds"), epochs=report.get("epochs"),
+            images=images, attack_info={k: v for k, v in report.items() if k not in ("notes",)}, **common,
+        )
+
+    def all(self) -> list[ResultRow]:
+        rows: list[ResultRow] = []
+        for cut in self.s.cuts:
+            if cut.name not in self.by_cut:
+                self.build(cut.name)
+            # Rows built before their defense's latency was measured get it now.
+            rows += [r if r.latency_ms is not None else replace(r, **self.latency.row_fields(r.cut, r.defense))
+                     for r in self.by_cut[cut.name]]
+        return flag_inversions(rows)
+
+
+def flag_inversions(rows: list[ResultRow]) -> list[ResultRow]:
+    """Rows flagged where an attack under-performed, so that its number reads as a lower bound.
+
+    A deeper cut cannot carry more information than a shallower one (data processing inequality). If
+    a cut leaks clearly less than a deeper cut of the same model with nothing applied to the activation
+    (no defense, or one that changes the model the same way for every cut, like DP-SGD), the attack at
+    the shallower cut under-performed. Noise, dropout or quantization applied at different cuts, and
+    NoPeek's per-cut models, are not ordered. Within a cut, an activation defense only removes
+    information: an attacker of the defended activation that beats the undefended one means the
+    undefended attack under-performed.
+    """
+    from splitaudit.defenses.base import DEFENSES
+
+    def cls(spec: str):  # the defense's declared abilities (class attributes)
+        return DEFENSES.get(spec.split(":")[0])
+
+    rows = list(rows)
+    order: dict[str, int] = {}
+    for r in rows:
+        order.setdefault(r.cut, len(order))
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        d = cls(r.defense)
+        if d is None or d.stochastic or d.per_cut_model or d.transforms_activation:
+            continue
+        groups.setdefault((r.defense, r.attack, r.adaptive), []).append(i)
+    for idx in groups.values():
+        for i in idx:
+            ri = rows[i]
+            deeper = [rows[j] for j in idx if order[rows[j].cut] > order[ri.cut] and rows[j].ssim_ci[0] > ri.ssim_ci[1]]
+            if deeper:
+                d = max(deeper, key=lambda r: r.ssim)
+                flag = (
+                    f"leaks less than the deeper cut {d.cut} (SSIM {ri.ssim:.3f} < {d.ssim:.3f}): the attack here is "
+                    "likely under-trained, so read this SSIM as a lower bound"
+                )
+                rows[i] = replace(ri, flags=ri.flags + (flag,))
+    for i, ri in enumerate(rows):
+        if ri.defense != "none":
+            continue
+        better = [
+            r for r in rows
+            if r.cut == ri.cut and r.attack == ri.attack and r.defense != "none" and r.status == "ok"
+            and cls(r.defense) is not None and not cls(r.defense).changes_model and r.ssim_ci[0] > ri.ssim_ci[1]
+        ]
+        if better:
+            b = max(better, key=lambda r: r.ssim)
+            flag = (
+                f"leaks less undefended than under {b.defense} (SSIM {ri.ssim:.3f} < {b.ssim:.3f}): the attack on the "
+                "clean activation is likely under-trained, so read this SSIM as a lower bound"
+            )
+            rows[i] = replace(rows[i], flags=rows[i].flags + (flag,))
+    return rows

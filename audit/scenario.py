@@ -1,0 +1,151 @@
+"""The scenario of an audit: who has what (breaching's "case"), settled once before any attack runs.
+
+One frozen :class:`Scenario` holds the model and its hash, the data and its disjoint splits, the
+attacker's queries, the cuts to audit, the defenses, the undefended predictions, the bootstrap
+resamples every interval shares, and the modality that scores reconstructions. The stages after it
+(activations, prepared models, jobs, rows, costs) read it and never change it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from splitaudit.attacks.modality import Modality, modality_for
+from splitaudit.cache import Cache
+from splitaudit.config import AuditConfig, resolve_device
+from splitaudit.cuts import CutPoint, Discovery, discover_cuts, predict
+from splitaudit.data import Dataset, Splits, data_hash, make_splits
+from splitaudit.defenses.base import Defense, make_defense
+from splitaudit.errors import DataError, ModelError, SpecError, UserError
+from splitaudit.metrics import Resamples
+from splitaudit.models import load_model
+from splitaudit.progress import Reporter
+from splitaudit.seeding import job_generator
+
+
+@dataclass(frozen=True, eq=False)
+class Scenario:
+    config: AuditConfig
+    device: torch.device
+    modality: Modality
+    dataset: Dataset
+    splits: Splits
+    data_hash: str
+    model: nn.Module
+    model_info: dict[str, Any]
+    x_aux: torch.Tensor  # what the attacker queries the head with
+    attacker: str  # a sentence saying what those queries are
+    aux_key: tuple  # what the queries depend on beyond the data (for cache keys)
+    x_eval: torch.Tensor
+    y_eval: torch.Tensor | None
+    discovery: Discovery
+    cuts: tuple[CutPoint, ...]
+    defenses: tuple[Defense, ...]  # "none" first when it was added
+    clean_pred: torch.Tensor | None  # the undefended model's top-1 on the evaluation inputs
+    resamples: Resamples  # every row's intervals come from these (a paired bootstrap)
+    baseline: dict[str, torch.Tensor]  # per-sample scores of the no-information guess, per metric
+    notes: tuple[str, ...] = ()
+
+    @property
+    def model_hash(self) -> str:
+        return self.model_info["hash"]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.config.settings
+
+    @property
+    def n_eval(self) -> int:
+        return int(self.x_eval.shape[0])
+
+    def defense(self, spec: str) -> Defense:
+        return next(d for d in self.defenses if d.spec == spec)
+
+    def cut(self, name: str) -> CutPoint:
+        return next(c for c in self.cuts if c.name == name)
+
+
+def _defenses(config: AuditConfig, notes: list[str]) -> tuple[Defense, ...]:
+    ds = [make_defense(s) for s in config.defenses]
+    specs = [d.spec for d in ds]
+    if len(set(specs)) != len(specs):
+        raise SpecError(f"a defense is given twice: {', '.join(specs)}")
+    if "none" not in specs:  # the baseline every defense is compared with, and adaptive attacks start from
+        ds.insert(0, make_defense("none"))
+        notes.append("defense 'none' added: the undefended model is the baseline every defense is compared with")
+    return tuple(ds)
+
+
+def _attacker_data(config: AuditConfig, modality: Modality, dataset: Dataset, splits: Splits) -> tuple[torch.Tensor, str, tuple]:
+    """The inputs the attacker queries the head with, a sentence saying what they are, and their cache key part."""
+    aux, key = splits.aux, ("split", config.aux_queries)
+    if config.aux_data:
+        if config.aux_data == config.data:
+            raise UserError("--aux-data is the evaluation data itself; leave it out to use a disjoint split of it")
+        other = modality.load_data(config.aux_data)
+        key = (data_hash(other), config.aux_queries)
+        if other.shape != dataset.shape:
+            raise DataError(
+                f"--aux-data {config.aux_data!r} has images of shape {other.shape}, but the model's inputs are {dataset.shape}"
+            )
+        n = min(other.n, config.settings["max_aux"] or other.n)
+        aux = other.subset(torch.randperm(other.n, generator=job_generator(config.seed, "aux-data"))[:n])
+        what = f"{n} images from {config.aux_data} (another distribution than the evaluation data)"
+    else:
+        what = f"{aux.n} images from a split of {config.data} disjoint from the victim's training and evaluation images"
+    if config.aux_queries == "noise":
+        x = torch.rand(aux.x.shape, generator=job_generator(config.seed, "aux-noise"))
+        return x, f"{aux.n} uniform random inputs (the attacker has no data of its own)", key
+    return aux.x, what, key
+
+
+def _predict(model: nn.Module, x: torch.Tensor, notes: list[str]) -> torch.Tensor | None:
+    try:
+        return predict(model, x)
+    except ModelError as exc:
+        notes.append(f"accuracy not measured: {exc}")
+        return None
+
+
+def build_scenario(config: AuditConfig, *, cache: Cache, reporter: Reporter, phase) -> Scenario:
+    """Load and check everything the audit needs, cheapest checks first (a bad defense spec fails
+    before the data loads, a bad cut before any training)."""
+    from splitaudit.attacks.base import make_attack
+
+    device = resolve_device(config.device)
+    notes: list[str] = []
+    defenses = _defenses(config, notes)
+    for a in config.attacks:
+        make_attack(a, profile=config.profile)
+    modality = modality_for(config.data)
+    with phase("data"):
+        dataset = modality.load_data(config.data)
+        modality.check_data(dataset, config.data)
+        s = config.settings
+        splits = make_splits(dataset, seed=config.seed, n_eval=s["n_eval"], max_aux=s["max_aux"])
+        dhash = data_hash(dataset)
+    with phase("model"):
+        model, model_info = load_model(config.model, weights=config.weights, splits=splits, device=device, cache=cache,
+                                       reporter=reporter)
+    x_aux, attacker, aux_key = _attacker_data(config, modality, dataset, splits)
+    x_aux, x_eval = x_aux.to(device), splits.eval.x.to(device)
+    y_eval = splits.eval.y.to(device) if splits.eval.y is not None else None
+    discovery = discover_cuts(model, x_eval[:2])
+    if not discovery.cuts:
+        raise ModelError("the model has no candidate cut: no submodule returns a tensor")
+    picked = [discovery.get(c) for c in config.cuts] if config.cuts else list(discovery.cuts)
+    cuts = tuple({c.name: c for c in picked}.values())  # a cut named twice (or by an alias) is audited once
+    clean_pred = _predict(model, x_eval, notes)
+    resamples = Resamples(x_eval.shape[0], generator=job_generator(config.seed, "bootstrap"))
+    prior = modality.prior(x_aux).expand_as(x_eval)
+    baseline = {k: v.cpu() for k, v in modality.score(prior, x_eval).items()}
+    return Scenario(
+        config=config, device=device, modality=modality, dataset=dataset, splits=splits, data_hash=dhash, model=model,
+        model_info=model_info, x_aux=x_aux, attacker=attacker, aux_key=aux_key, x_eval=x_eval, y_eval=y_eval,
+        discovery=discovery, cuts=cuts, defenses=defenses, clean_pred=clean_pred, resamples=resamples, baseline=baseline,
+        notes=tuple(notes),
+    )

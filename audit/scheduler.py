@@ -1,0 +1,257 @@
+"""The loop that runs the job graph: each cut's jobs (:func:`splitaudit.jobs.plan_cut`) through an executor.
+
+A few cuts are in flight at once (enough to keep every worker busy, few enough for memory): a cut's
+activations are captured just before its jobs are submitted and released when its last job ends. A
+job waits for the one it refines (and an adaptive job for the undefended one, its other candidate);
+one that needs a model a defense is still fine-tuning is held back while the workers take the next
+cut's base fits instead of idling. Between polls the driver does the work that need not wait for a
+quiet machine: each cut's utility, measured while the jobs of other cuts train.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from splitaudit import cache_keys as keys
+from splitaudit.activations import ActivationStore
+from splitaudit.attacks.base import ATTACKS
+from splitaudit.costs import UtilityMeter
+from splitaudit.defenses.base import Defense, Fitted
+from splitaudit.errors import UserError
+from splitaudit.jobs import Activations, JobInputs, JobOutput, JobSpec, PlannedJob, plan_cut
+from splitaudit.prepared import PreparedModels, error_text
+from splitaudit.progress import open_task
+
+NOT_RUN = "not run: the audit was interrupted"
+MAX_CUTS_IN_FLIGHT = 8
+
+
+class Scheduler:
+    """Runs every cut's jobs and keeps their outputs; ``on_cut_done(cut)`` is called when a cut's last
+    job (and its utility) has ended, so its rows can be built while other cuts train."""
+
+    def __init__(self, scenario, executor, prepared: PreparedModels, store: ActivationStore, utility: UtilityMeter, cache, reporter,
+                 phase, on_cut_done: Callable[[str], None] | None = None):
+        self.s, self.ex, self.prepared, self.store, self.utility = scenario, executor, prepared, store, utility
+        self.cache, self.reporter, self.phase, self.on_cut_done = cache, reporter, phase, on_cut_done
+        self.outputs: dict[str, JobOutput | BaseException] = {}
+        self.jobs: dict[tuple[str, str, str], JobSpec] = {}  # (cut, attack, role) -> spec
+        self.fitted: dict[tuple[str, str], Fitted] = {}  # (cut, defense spec) -> its transform there
+        self.threads_per_job = executor.threads_per_job
+        self._graph: dict[str, list[PlannedJob]] = {}
+        self._keys: dict[str, str] = {}  # job id -> cache key
+        self._handles: dict[Any, JobSpec] = {}
+        self._tasks: dict[str, Any] = {}
+        self._waiting: dict[str, list[JobSpec]] = {}  # job id -> the jobs waiting for it
+        self._inputs: dict[str, dict] = {}  # cut -> shared inputs while its jobs run
+        self._open: dict[str, int] = {}  # cut -> pieces (jobs and its utility) not finished
+        self._deferred: list[tuple[JobSpec, Any]] = []  # (job, the output it waited for) held back for a fine-tuning
+        self._todo: list[tuple[str, list[Defense]]] = []  # (cut, defenses) whose utility is still to measure
+        self._overall: Any = None
+
+    # -- the graph --
+    def plan(self, cut: str) -> list[PlannedJob]:
+        """The jobs of ``cut``, registered in ``jobs`` (not submitted)."""
+        if cut not in self._graph:
+            s = self.s
+            self._graph[cut] = plan_cut(cut, attacks=s.config.attacks, defenses=s.defenses, profile=s.config.profile,
+                                        seed=s.config.seed, device=str(s.device), modality=s.modality.name,
+                                        adaptive_epochs=s.settings["adaptive_epochs"] or None)
+            for job in self._graph[cut]:
+                self.jobs.setdefault((cut, job.spec.attack, job.role), job.spec)
+        return self._graph[cut]
+
+    def _model(self, defense_spec: str, cut: str):
+        return self.prepared.get(self.s.defense(defense_spec), cut)
+
+    def _cache_key(self, spec: JobSpec, has_candidate: bool) -> str:
+        s = self.s
+        return keys.attack_job(cut=spec.cut, attack=spec.attack, defense=spec.defense, kind=spec.kind, profile=spec.profile,
+                               seed=spec.seed, epochs=spec.epochs, has_candidate=has_candidate,
+                               trained_model=self._model(spec.defense, spec.cut)[1], victim=s.model_hash, data_hash=s.data_hash,
+                               aux_key=s.aux_key)
+
+    # -- running --
+    def run(self) -> None:
+        s = self.s
+        window = max(2, min(self.ex.workers + 1, MAX_CUTS_IN_FLIGHT))
+        n_jobs = sum(len(self.plan(c.name)) for c in s.cuts)
+        self._overall = open_task(self.reporter, f"attack jobs ({len(s.cuts)} cuts)", n_jobs, keep=True)
+        for cut in s.cuts:
+            # A cut whose next jobs wait for a fine-tuned model does not count: the workers take the
+            # next cut's base fit meanwhile instead of idling.
+            while len(self._open) - len({d.cut for d, _ in self._deferred}) >= window or len(self._open) >= MAX_CUTS_IN_FLIGHT:
+                self._pump()
+            self._start_cut(cut.name)
+        while self._handles or self._deferred or self._todo:
+            self._pump()
+        self._overall.close()
+
+    def _start_cut(self, cut: str) -> None:
+        s = self.s
+        self._inputs[cut] = {"x_aux": self.ex.put("x_aux", s.x_aux), "x_eval": self.ex.put("x_eval", s.x_eval), "acts": {}}
+        # The activations of changed models are added when a job first needs them (after the base fit,
+        # by when their fine-tuning has usually finished).
+        early = [d for d in s.defenses if not d.changes_model]
+        self._add_acts(cut, early)
+        graph = self.plan(cut)
+        self._open[cut] = len(graph) + 1  # and one for its utilities, measured in _pump
+        for job in graph:
+            if job.after is None:
+                self._submit_dep(job.spec, None)
+            else:
+                after = self.jobs[(cut, job.spec.attack, job.after)]
+                self._waiting.setdefault(after.id, []).append(job.spec)
+        self._todo.append((cut, early))  # measured in a pump of its own (the next cuts' first jobs go out first)
+
+    def _add_acts(self, cut: str, defenses: list[Defense]) -> None:
+        """Capture what each defense's model sends at ``cut`` (once per model), fit the defense there, and
+        share both with the jobs."""
+        inp = self._inputs[cut]
+        by_model = inp.setdefault("by_model", {})  # model hash -> (aux activations, their shared reference)
+        for d in defenses:
+            model_d, hash_d, _ = self.prepared.get(d, cut)
+            if hash_d not in by_model:
+                with self.phase("capture"):
+                    z_aux, z_eval = self.store.get(model_d, hash_d, cut)
+                by_model[hash_d] = (z_aux, self.ex.put(("acts", cut, hash_d), Activations(aux=z_aux, eval=z_eval)))
+            inp["acts"][d.spec] = by_model[hash_d][1]
+            if d.transforms_activation:  # fitted once, on the activations of the model it runs with
+                self.fitted[(cut, d.spec)] = d.fit(by_model[hash_d][0])
+
+    def _measure_utility(self, cut: str, ds: list[Defense]) -> None:
+        with self.phase("utility"):
+            todo = []
+            for d in ds:
+                model_d, hash_d, _ = self.prepared.get(d, cut)
+                todo.append((d, model_d, hash_d, self.fitted.get((cut, d.spec))))
+            self.utility.measure(cut, todo)
+
+    def _submit(self, spec: JobSpec, base_state: dict | None = None, candidate: JobOutput | None = None) -> None:
+        s = self.s
+        inp = self._inputs[spec.cut]
+        # A changed model whose fine-tuning failed is not scored on: its rows carry that error, and
+        # the other rows of this job keep their numbers.
+        score = tuple(d for d in spec.score if d == spec.defense or self.prepared.error(s.defense(d), spec.cut) is None)
+        if score != spec.score:
+            spec = replace(spec, score=score)
+        missing = [s.defense(d) for d in dict.fromkeys((spec.defense, *spec.score)) if d not in inp["acts"]]
+        if missing:  # a changed model's activations (not pumping: this may run inside _pump)
+            self._add_acts(spec.cut, missing)
+            self._measure_utility(spec.cut, missing)
+        self._keys[spec.id] = key = self._cache_key(spec, candidate is not None)
+        hit = self.cache.get("attacks", key)
+        used = {spec.defense, *spec.score}
+        head = None
+        if ATTACKS[spec.attack].white_box:
+            head = self.ex.put(("model", spec.cut, spec.defense, spec.attack), self._model(spec.defense, spec.cut)[0])
+        inputs = JobInputs(
+            x_aux=inp["x_aux"], x_eval=inp["x_eval"], acts={d: inp["acts"][d] for d in used},
+            fitted={d: self.fitted[(spec.cut, d)] for d in used if (spec.cut, d) in self.fitted}, head=head,
+            base_state=None if base_state is None else self.ex.put(("base", spec.cut, spec.attack), base_state),
+            candidate_state=None if candidate is None else self.ex.put(("clean", spec.cut, spec.attack), candidate.state),
+            candidate_converged=True if candidate is None else bool(candidate.report.get("converged", True)), cached=hit,
+        )
+        self._tasks[spec.id] = self.reporter.open(spec.label + (" (cached)" if hit else ""))
+        self._handles[self.ex.submit(spec, inputs)] = spec
+
+    def _pump(self, timeout: float = 0.2) -> None:
+        self.prepared.raise_user_error()
+        if self._todo:
+            cut, ds = self._todo.pop(0)
+            self._measure_utility(cut, ds)
+            self._closed_one(cut)  # the cut's utilities
+            timeout = 0
+        if self._deferred:
+            # Submit what a fine-tuning held back, once it has ended (or now, if nothing else runs).
+            waiting, self._deferred = self._deferred, []
+            for dep, out in waiting:
+                self._submit_dep(dep, out, wait=not self._handles)
+        if not self._handles:
+            return
+        with self.phase("attacks"):
+            done = self.ex.wait(list(self._handles), timeout=timeout)
+        for job_id, ep, total in self.ex.progress():
+            if job_id in self._tasks:
+                self._tasks[job_id].update(ep, total=total)
+        for h in done:
+            spec = self._handles.pop(h)
+            try:
+                out: JobOutput | BaseException = self.ex.outcome(h)
+            except Exception as exc:  # noqa: BLE001 - reported in the result, counted as failed by the gate
+                # Even the user's model failing inside a job is that job's failure: its row shows the
+                # error and the other cells of the grid still get their numbers.
+                out = exc
+            self._finish(spec, out)
+
+    def _finish(self, spec: JobSpec, out) -> None:
+        self.outputs[spec.id] = out
+        task = self._tasks.pop(spec.id, None)  # a job failed before it was submitted has none
+        if task is not None:
+            task.close()
+        if self._overall is not None:
+            self._overall.advance()
+        if isinstance(out, JobOutput) and out.state is not None and not out.report.get("cached"):
+            self.cache.put("attacks", self._keys[spec.id], {"state": out.state, "report": out.report})
+        for dep in self._waiting.pop(spec.id, []):
+            self._submit_dep(dep, out)
+        self._closed_one(spec.cut)
+
+    def _submit_dep(self, dep: JobSpec, out, wait: bool = False) -> None:
+        """Submit ``dep``, which waited for ``out`` (None: for nothing); held back (unless ``wait``)
+        while a model it needs is being fine-tuned."""
+        base_state = None
+        if dep.kind == "refine":
+            base = self.outputs.get(self.jobs[(dep.cut, dep.attack, "base")].id)
+            if not (isinstance(base, JobOutput) and base.state is not None):
+                self._finish(dep, RuntimeError(f"its base attack failed: {error_text(base)}"))
+                return
+            base_state = base.state
+        if not wait and any(not self.prepared.done(self.s.defense(d), dep.cut) for d in (dep.defense, *dep.score) if d != "none"):
+            self._deferred.append((dep, out))
+            return
+        try:
+            candidate = out if dep.defense != "none" and isinstance(out, JobOutput) else None
+            self._submit(dep, base_state=base_state, candidate=candidate)
+        except UserError:
+            raise  # a defense that cannot change this model (found while fine-tuning): bad input, exit 2
+        except Exception as exc:  # noqa: BLE001 - e.g. the object store is full: that job's failure
+            self._finish(dep, exc)
+
+    def _closed_one(self, cut: str) -> None:
+        """One more piece of ``cut`` (a job, or its utility) is done; after the last, its rows can be built."""
+        self._open[cut] -= 1
+        if self._open[cut] == 0:  # the cut's shared inputs are no longer needed
+            del self._open[cut], self._inputs[cut]
+            self.ex.release(cut)
+            if self.on_cut_done is not None:
+                self.on_cut_done(cut)
+
+    # -- what the rows read --
+    def output(self, cut: str, attack: str, role: str) -> tuple[JobOutput | None, dict]:
+        """A row's attack output and its training report (a refinement's merged with its base's)."""
+        spec = self.jobs.get((cut, attack, role))
+        if spec is None or spec.id not in self.outputs:
+            return None, {"converged": False, "error": NOT_RUN}
+        out = self.outputs[spec.id]
+        if not isinstance(out, JobOutput):
+            return None, {"converged": False, "error": error_text(out)}
+        report = out.report
+        base = self.jobs.get((cut, attack, "base"))
+        if spec.kind == "refine" and base is not None and isinstance(self.outputs.get(base.id), JobOutput):
+            report = merge_reports(self.outputs[base.id].report, report)
+        return out, report
+
+
+def merge_reports(base: dict, refine: dict) -> dict:
+    """The report of a base fit followed by a refinement, as one training."""
+    if "error" in refine:
+        return refine
+    out = dict(refine)
+    out["epochs"] = base.get("epochs", 0) + refine.get("epochs", 0)
+    out["seconds"] = round(base.get("seconds", 0) + refine.get("seconds", 0), 2)
+    out["notes"] = list(base.get("notes", [])) + list(refine.get("notes", []))
+    out["converged"] = bool(refine.get("converged", True))  # the refinement picks up where the base ended
+    return out
