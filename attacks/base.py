@@ -72,6 +72,9 @@ class Attack:
     warm_start: ClassVar[bool] = False
     holds_out: ClassVar[bool] = False
     holdout: torch.Tensor | None = None
+    # What ``fit`` found against the no-information guess: "beaten", "not beaten after a restart" (a finding:
+    # nothing usable in the activation) or "not beaten, no restart" (no conclusion yet); None: not checked.
+    prior_outcome: str | None = None
 
     def fit(self, z_aux: torch.Tensor, x_aux: torch.Tensor, ctx: AttackContext) -> FitReport:
         raise NotImplementedError

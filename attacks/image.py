@@ -59,6 +59,16 @@ class ImageModality(Modality):
     def clip(self, recon):
         return recon.clamp(0, 1)
 
+    def features(self, x):
+        """Each image flattened and standardized to zero mean and unit norm: re-identification is then by
+        correlation, so a reconstruction with another brightness or contrast still finds its original."""
+        v = x.flatten(1).float()
+        v = v - v.mean(dim=1, keepdim=True)
+        return v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    def judge(self, input_shape, num_classes):
+        return JudgeNet(input_shape[0], num_classes)
+
     def decoder(self, act_shape, input_shape, *, width, full_res):
         return InverseNet(tuple(act_shape), tuple(input_shape), width, full_res=full_res)
 
@@ -169,3 +179,28 @@ def folded(net: InverseNet) -> InverseNet:
             if isinstance(mods[i], nn.Conv2d) and isinstance(mods[i + 1], nn.BatchNorm2d):
                 seq[i], seq[i + 1] = fuse_conv_bn_eval(mods[i], mods[i + 1]), nn.Identity()
     return folded.to(memory_format=torch.channels_last)
+
+
+class JudgeNet(nn.Module):
+    """The independent classifier that labels reconstructions: three 3x3 conv blocks with BatchNorm and
+    global average pooling, unlike the victims here (LeNet's 5x5 convolutions and dense layers), so it
+    does not share their blind spots. Trained by the tool on the attacker's aux split only."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True))
+
+        self.body = nn.Sequential(block(in_channels, width), block(width, 2 * width), block(2 * width, 4 * width),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def features(self, x):
+        return self.body(x)
+
+    def classify(self, features):
+        return self.fc(features)
+
+    def forward(self, x):
+        return self.fc(self.body(x))

@@ -63,6 +63,17 @@ class Modality:
         """Per-sample score an attacker uses to compare two attacks on its own aux data (higher: better)."""
         return self.score(recon, x)[self.headline]
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample vectors (N, d) in which re-identification looks for the nearest original: a fixed,
+        documented distance that needs no labels (Euclidean distance between these vectors)."""
+        raise NotImplementedError
+
+    def judge(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        """An independent classifier (an architecture unlike the usual victims) that the tool trains on the
+        attacker's aux data to label reconstructions: the attack accuracy. It has ``features(x)`` (the input
+        of its last layer, a second space for re-identification) and ``classify(features)`` (the logits)."""
+        raise NotImplementedError
+
     def clip(self, recon: torch.Tensor) -> torch.Tensor:
         """A reconstruction brought into the data's own range."""
         return recon

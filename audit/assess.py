@@ -101,10 +101,29 @@ def problems_of(rows: list[ResultRow]) -> list[str]:
     return out
 
 
+def _ci(row: ResultRow, key: str) -> tuple[float, float] | None:
+    ci = row.value(f"{key}_ci")
+    return (float(ci[0]), float(ci[1])) if ci is not None and all(_finite(v) for v in ci) else None
+
+
 def assess(result: AuditResult, cut: str, defense: str) -> Assessment:
-    """The assessment of ``(cut, defense)`` in ``result`` (the threshold is ``result.threshold``)."""
+    """The assessment of ``(cut, defense)`` in ``result``, by these rules in order (shared/DESIGN.md):
+
+    1. every attack failed: **no conclusion**, shown as a failure;
+    2. **recognizable** when the strongest attack's SSIM is above the threshold *and* its gain over the
+       no-information guess is significantly above zero (its 95% interval excludes 0), or when any attack
+       re-identifies its inputs significantly more often than ``reid_threshold`` (the interval's lower end
+       above it), whatever SSIM says. Evidence of leakage stands whatever the other attacks did;
+    3. **no conclusion** when any attack failed, did not converge or is flagged as a lower bound, or when
+       an interval straddles the threshold it is compared with (the sample is too small to decide);
+    4. **no evidence of leakage beyond the prior** when the strongest attack does not beat the
+       no-information guess significantly and re-identifies no more often than chance;
+    5. otherwise **not recognizable by the attacks run**.
+
+    Results written before gains and re-identification were measured are judged by SSIM alone.
+    """
     rows = result.rows(cut=cut, defense=defense)
-    thr = result.threshold
+    thr, reid_thr = result.threshold, result.reid_threshold
     metric = "ssim"
     head = headline(rows, metric)
     problems = tuple(problems_of(rows))
@@ -112,14 +131,47 @@ def assess(result: AuditResult, cut: str, defense: str) -> Assessment:
         reasons = problems or ("no attack ran on this pair",)
         return Assessment(cut, defense, NO_CONCLUSION, None, ("every attack failed",) + tuple(reasons), problems, metric)
     value, (lo, hi) = head.value(metric), head.value(f"{metric}_ci")
-    where = f"{attack_name(head)}: SSIM {value:.3f} [95% CI {lo:.3f}, {hi:.3f}], n={head.n_eval}"
-    if value > thr:
-        # Evidence of leakage stands whatever the other attacks did: a lower bound above the threshold is above it.
-        return Assessment(cut, defense, RECOGNIZABLE, head, (f"{where} > threshold {thr:g}",) + problems, problems, metric)
+    n = head.n_eval
+    where = f"{attack_name(head)}: SSIM {value:.3f} [95% CI {lo:.3f}, {hi:.3f}], n={n}"
+    gain_ci = _ci(head, f"{metric}_gain")
+    gain = None if gain_ci is None else (f"gain over the no-information guess {head.value(f'{metric}_gain'):+.3f} "
+                                         f"[95% CI {gain_ci[0]:+.3f}, {gain_ci[1]:+.3f}]")
+    beats_prior = gain_ci is None or gain_ci[0] > 0  # unknown (older results): judged by SSIM alone
+    ran = [r for r in rows if r.status != "failed"]
+    reids = [(r, ci) for r in ran if (ci := _ci(r, "reid_top1")) is not None]
+    chance = next((r.reid_chance for r, _ in reids if r.reid_chance is not None), None)
+
+    def reid_text(r, ci):
+        return (f"{attack_name(r)} re-identifies {100 * r.reid_top1:.1f}% of its inputs [95% CI {100 * ci[0]:.1f}, {100 * ci[1]:.1f}] "
+                f"among n={r.n_eval} (chance {100 * (r.reid_chance or 0):.2f}%)")
+
+    def done(status, *why):
+        return Assessment(cut, defense, status, head, tuple(why), problems, metric)
+
+    if value > thr and beats_prior:
+        return done(RECOGNIZABLE, f"{where} > threshold {thr:g}" + (f"; {gain} excludes 0" if gain else ""), *problems)
+    identified = [(r, ci) for r, ci in reids if ci[0] > reid_thr]
+    if identified:
+        r, ci = max(identified, key=lambda rc: rc[1][0])
+        return done(RECOGNIZABLE, f"{reid_text(r, ci)}: above the re-identification threshold {100 * reid_thr:g}%, whatever SSIM says",
+                    where, *problems)
     if problems:
-        reasons = (f"{where} <= threshold {thr:g}, but the ladder is incomplete, so this is a lower bound",) + problems
-        return Assessment(cut, defense, NO_CONCLUSION, head, reasons, problems, metric)
-    return Assessment(cut, defense, NOT_RECOGNIZABLE, head, (f"{where} <= threshold {thr:g}; every attack converged",), problems, metric)
+        return done(NO_CONCLUSION, f"{where}: the ladder is incomplete, so this is only a lower bound", *problems)
+    if beats_prior and lo <= thr < hi:
+        return done(NO_CONCLUSION, f"{where}: the interval straddles the threshold {thr:g}, so n={n} is too small to decide")
+    straddling = [(r, ci) for r, ci in reids if ci[0] <= reid_thr < ci[1]]
+    if straddling:
+        r, ci = straddling[0]
+        return done(NO_CONCLUSION, f"{reid_text(r, ci)}: the interval straddles the re-identification threshold "
+                                   f"{100 * reid_thr:g}%, so n={r.n_eval} is too small to decide")
+    above_chance = [(r, ci) for r, ci in reids if chance is not None and ci[0] > chance]
+    if not beats_prior and not above_chance:
+        return done(NO_LEAKAGE_BEYOND_PRIOR, f"{where}; {gain} does not exclude 0: the reconstructions are no better than "
+                                             "the no-information guess", "no attack re-identifies its inputs more often than chance",
+                    "every attack converged")
+    why = [f"{where} <= threshold {thr:g}" if value <= thr else f"{where} > threshold {thr:g}, but {gain} does not exclude 0"]
+    why += [f"{reid_text(r, ci)}: above chance, below the threshold {100 * reid_thr:g}%" for r, ci in above_chance[:1]]
+    return done(NOT_RECOGNIZABLE, *why, "every attack converged")
 
 
 def assess_all(result: AuditResult) -> list[Assessment]:

@@ -37,3 +37,8 @@ def utility(*, model_hash: str, victim: str, data_hash: str, cut: str, defense: 
 def prepared_model(*, victim: str, data_hash: str, defense: str, cut: str | None, profile: str, seed: int) -> str:
     """The model a defense changes (DP-SGD, NoPeek) from ``victim``, fine-tuned on the victim split."""
     return key_of("prepared", victim, data_hash, defense, cut, profile, seed)
+
+
+def judge(*, data_hash: str, seed: int, profile: str, n_aux: int, architecture: str, recipe: tuple) -> str:
+    """The independent classifier trained on the aux split to label reconstructions (attack accuracy)."""
+    return key_of("judge", data_hash, seed, profile, n_aux, architecture, recipe)

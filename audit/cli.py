@@ -182,6 +182,7 @@ def audit(
     device: DeviceOpt = Device.auto,
     seed: SeedOpt = 0,
     threshold: Annotated[float, typer.Option(help="SSIM at or below which inputs count as not recognizable")] = 0.3,
+    reid_threshold: Annotated[float, typer.Option(help="re-identified share above which a pair is recognizable, whatever its SSIM")] = 0.05,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("splitaudit-out"),
     no_cache: NoCacheOpt = False,
     cache_dir: CacheDirOpt = None,
@@ -198,7 +199,7 @@ def audit(
     _run_and_render(
         AuditConfig(
             model=model, data=data, weights=str(weights) if weights else None, cuts=tuple(cut or ()), defenses=tuple(defense or ("none",)),
-            attacks=tuple(attack or ("decoder",)), threshold=threshold, aux_data=aux_data, aux_queries=aux_queries.value,
+            attacks=tuple(attack or ("decoder",)), threshold=threshold, reid_threshold=reid_threshold, aux_data=aux_data, aux_queries=aux_queries.value,
             **_run_options(profile, device, seed, out, no_cache, cache_dir, executor, workers, ray_address),
         ),
         plan_profile,
@@ -293,9 +294,11 @@ def gate(
     no_cache: NoCacheOpt = False,
     cache_dir: CacheDirOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="where the audit writes its results and images (default ./splitaudit-gate)")] = None,
+    summary: Annotated[Optional[Path], typer.Option("--summary", help="append a Markdown summary (verdicts, failed checks) to FILE, "
+                                                    "e.g. $GITHUB_STEP_SUMMARY")] = None,
 ) -> None:
     """Check thresholds: exit 0 when every check passes, 1 when any fails, 2 on bad config or input."""
-    from splitaudit.gate import DEFAULT_OUT, evaluate, load_gate_config, print_report, write_junit
+    from splitaudit.gate import DEFAULT_OUT, append_summary, evaluate, load_gate_config, print_report, write_junit
     from splitaudit.results import AuditResult
     from splitaudit.writer import write
 
@@ -313,6 +316,8 @@ def gate(
     print_report(report, out_console)
     if junit is not None:
         write_junit(report, junit)
+    if summary is not None:
+        append_summary(report, result, summary)
     if not report.passed:
         raise typer.Exit(1)
 

@@ -53,6 +53,7 @@ class AuditConfig:
     seed: int = 0
     out: str | None = None  # where the writer puts results.json, the report and the images (the runner writes none)
     threshold: float = 0.3
+    reid_threshold: float = 0.05  # a re-identified share above which a pair is recognizable whatever its SSIM
     cache_dir: str | None = None
     use_cache: bool = True
     command: str | None = None  # the command line, for the reproducibility section
@@ -77,6 +78,8 @@ class AuditConfig:
             require_ray()
         if not 0 < self.threshold <= 1:
             raise SpecError(f"threshold {self.threshold} is out of range; allowed: (0, 1]")
+        if not 0 < self.reid_threshold <= 1:
+            raise SpecError(f"reid threshold {self.reid_threshold} is out of range; allowed: (0, 1]")
 
     @property
     def settings(self) -> dict[str, Any]:

@@ -94,6 +94,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("min_accuracy", "accuracy", "accuracy", "min", hi=1.0),
     Metric("min_agreement", "agreement", "agreement with the undefended model", "min", hi=1.0),
     Metric("max_latency_overhead_ms", "latency_overhead_ms", "device latency overhead (ms)", "max", digits=4),
+    Metric("max_ssim_gain", "ssim_gain", "SSIM gain over the no-information guess", "max", leakage=True, lo=-1.0, hi=2.0),
+    Metric("max_reid", "reid_top1", "re-identified share", "max", leakage=True, hi=1.0),
+    Metric("max_reid_over_chance", "reid_over_chance", "re-identified share as a multiple of chance", "max", leakage=True, digits=1),
+    Metric("max_attack_accuracy", "attack_accuracy", "attack accuracy (the judge on the reconstructions)", "max", leakage=True, hi=1.0),
     Metric("max_ssim_increase", "ssim", "SSIM increase over the baseline", "max", "increase", leakage=True, hi=1.0),
     Metric("max_psnr_increase", "psnr", "PSNR increase over the baseline (dB)", "max", "increase", leakage=True, digits=2),
     Metric("max_accuracy_drop", "accuracy", "accuracy drop from the baseline", "max", "drop", hi=1.0),
@@ -147,6 +151,7 @@ class GateConfig:
     cache_dir: str | None = None
     out: str | None = None
     baseline: str | None = None
+    reid_threshold: float = 0.05
     thresholds: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
     rules: tuple[Rule, ...] = ()
     path: str | None = None  # the file it came from
@@ -168,13 +173,14 @@ class GateConfig:
         return AuditConfig(
             model=self.model, data=self.data, weights=self.weights, cuts=self.cuts, defenses=self.defenses or ("none",),
             attacks=self.attacks or ("decoder",), profile=self.profile, device=self.device, seed=self.seed, out=out,
-            threshold=self.thresholds.get("max_ssim", DEFAULT_LIMITS["max_ssim"]), cache_dir=cache_dir or self.cache_dir,
+            threshold=self.thresholds.get("max_ssim", DEFAULT_LIMITS["max_ssim"]), reid_threshold=self.reid_threshold,
+            cache_dir=cache_dir or self.cache_dir,
             use_cache=use_cache, command=command, aux_data=self.aux_data, aux_queries=self.aux_queries,
             executor=self.executor, workers=self.workers, ray_address=self.ray_address,
         )
 
 
-TOP_KEYS = ("model", "weights", "data", "cuts", "defenses", "attacks", "profile", "seed", "device", "aux_data", "aux_queries",
+TOP_KEYS = ("model", "weights", "data", "cuts", "defenses", "attacks", "profile", "seed", "device", "aux_data", "aux_queries", "reid_threshold",
             "executor", "workers", "ray_address", "cache_dir", "out", "baseline", "thresholds")
 LIMIT_KEYS = tuple(m.key for m in METRICS)
 THRESHOLD_KEYS = LIMIT_KEYS + ("rule",)
@@ -277,6 +283,11 @@ def parse_gate_config(table: dict[str, Any], *, root: Path, where: str = CONFIG_
                 raise UserError(f"unknown attack {a!r} in {where}; known attacks: {', '.join(sorted(ATTACKS))}")
     if "seed" in table:
         kw["seed"] = _expect(table["seed"], int, "seed", where, "an integer")
+    if "reid_threshold" in table:
+        v = _expect(table["reid_threshold"], (int, float), "reid_threshold", where, "a number")
+        if not 0 < v <= 1:
+            raise UserError(f"reid_threshold = {v!r} in {where} is out of range; allowed: (0, 1]")
+        kw["reid_threshold"] = float(v)
     for key in CHOICES:  # the same allowed values, and the same check, as AuditConfig.validate
         if key in table:
             kw[key] = check_choice(key, _expect(table[key], str, key, where, "a string"), where=where)
@@ -415,7 +426,10 @@ def _pairs(result: AuditResult, config: GateConfig, baseline: AuditResult | None
 def _value(row: ResultRow | None, m: Metric) -> float | None:
     if row is None:
         return None
-    v = getattr(row, m.field)
+    if m.field == "reid_over_chance":
+        reid, chance = row.reid_top1, row.reid_chance
+        return None if reid is None or not chance else float(reid) / float(chance)
+    v = row.value(m.field)
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
@@ -528,6 +542,16 @@ def assert_min_agreement(result: AuditResult, *, cut: str, defense: str = "none"
     return _assert(check_limit(result, cut=cut, defense=defense, metric="min_agreement", limit=limit, base=base))
 
 
+def assert_max_reid(result: AuditResult, *, cut: str, defense: str = "none", limit: float, base=None) -> Check:
+    """Fail unless the strongest attack re-identifies at most a share ``limit`` of its inputs at (cut, defense)."""
+    return _assert(check_limit(result, cut=cut, defense=defense, metric="max_reid", limit=limit, base=base))
+
+
+def assert_max_ssim_gain(result: AuditResult, *, cut: str, defense: str = "none", limit: float, base=None) -> Check:
+    """Fail unless the strongest attack's SSIM gain over the no-information guess is at most ``limit``."""
+    return _assert(check_limit(result, cut=cut, defense=defense, metric="max_ssim_gain", limit=limit, base=base))
+
+
 def assert_gate(result: AuditResult, config: GateConfig, baseline: AuditResult | None = None, *, base=None) -> GateReport:
     """Fail with every failed check listed when ``result`` does not pass ``config``."""
     report = evaluate(result, config, baseline, base=base)
@@ -569,6 +593,40 @@ def print_report(report: GateReport, console) -> None:
     console.print(report.summary(), markup=False, highlight=False)
 
 
+def markdown_summary(report: GateReport, result: AuditResult) -> str:
+    """The verdict table and the failed checks in Markdown, for ``$GITHUB_STEP_SUMMARY``."""
+    from splitaudit.plan import short_defense_names
+
+    short = short_defense_names(result.defenses())
+    lines = [f"## splitaudit gate: {'passed' if report.passed else 'FAILED'}", "", report.summary() + ".", "",
+             "| cut | defense | verdict | SSIM [95% CI] | gain | re-id | accuracy |", "|---|---|---|---|---|---|---|"]
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    for a in result.assessments():
+        h = a.headline
+        nums = ["-", "-", "-", "-"] if h is None else [
+            f"{h.ssim:.3f} [{h.ssim_ci[0]:.3f}, {h.ssim_ci[1]:.3f}]", "-" if h.ssim_gain is None else f"{h.ssim_gain:+.3f}",
+            "-" if h.reid_top1 is None else f"{100 * h.reid_top1:.1f}%", "-" if h.accuracy is None else f"{h.accuracy:.3f}"]
+        lines.append(f"| `{cell(a.cut)}` | `{cell(short.get(a.defense, a.defense))}` | {a.words} | " + " | ".join(nums) + " |")
+    if report.failures:
+        lines += ["", "### Failed checks", ""]
+        lines += [f"- `{cell(c.name)}`: {cell(c.message)}" for c in report.failures]
+    if report.notes:
+        lines += ["", *[f"> {cell(n)}" for n in report.notes]]
+    return "\n".join(lines) + "\n"
+
+
+def append_summary(report: GateReport, result: AuditResult, path: str | Path) -> None:
+    """Append the Markdown summary to ``path`` (as GitHub's step summary file is meant to be used)."""
+    try:
+        with Path(path).open("a", encoding="utf-8") as f:
+            f.write(markdown_summary(report, result) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write the summary {str(path)!r}: {exc.strerror or exc}") from None
+
+
 def junit_xml(report: GateReport, *, suite: str = "splitaudit gate") -> str:
     """One testcase per check (classname = the pair, name = the threshold key), a failure element on fail."""
     root = ET.Element("testsuites", name=suite, tests=str(len(report.checks)), failures=str(len(report.failures)), errors="0")
@@ -600,6 +658,7 @@ def write_junit(report: GateReport, path: str | Path) -> Path:
 
 
 __all__ = [
-    "Check", "GateConfig", "GateReport", "Rule", "METRICS", "assert_gate", "assert_max_psnr", "assert_max_ssim", "assert_min_accuracy",
+    "Check", "GateConfig", "GateReport", "Rule", "METRICS", "append_summary", "assert_gate", "assert_max_psnr", "assert_max_reid",
+    "assert_max_ssim", "assert_max_ssim_gain", "assert_min_accuracy", "markdown_summary",
     "assert_min_agreement", "check_limit", "evaluate", "junit_xml", "load_gate_config", "parse_gate_config", "write_junit",
 ]

@@ -13,9 +13,10 @@ and the profile; :mod:`splitaudit.scheduler` runs it.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -75,6 +76,8 @@ class JobInputs:
     candidate_state: dict | None = None
     candidate_converged: bool = True
     cached: dict | None = None  # {"state", "report"}: the fitted attack from the cache; the job only scores
+    judge: nn.Module | None = None  # the independent classifier that labels reconstructions (None: no labels)
+    y_eval: torch.Tensor | None = None  # the evaluation labels, for the attack accuracy
 
 
 @dataclass
@@ -182,13 +185,28 @@ def run_job(spec: JobSpec, inputs: JobInputs, *, on_epoch: Callable[[int, int, f
             modality=modality,
         )
         rep = attack.fit(z_train, x_aux, ctx)
+        if spec.kind == "refine" and not rep.converged and attack.warm_start:
+            # A refinement that never beat the no-information guess gets the restart it had no budget for: a
+            # fresh fit on the same defended activations. Where that fails too, the defense holds.
+            fresh = make_attack(spec.attack, profile=spec.profile)
+            frep = fresh.fit(z_train, x_aux, replace(ctx, generator=job_generator(spec.seed, spec.cut, spec.defense, spec.attack, "restart")))
+            notes = list(rep.notes) + [f"the refinement did not beat the no-information guess; restarted from scratch ({frep.epochs} epochs)"]
+            kept = fresh if frep.val_loss < rep.val_loss else attack
+            if fresh.prior_outcome != "beaten":  # two starts, neither beat the guess: that is the finding
+                kept.prior_outcome = "not beaten after a restart"
+                notes.append("neither the refinement nor a fresh fit beat the no-information guess")
+            attack = kept
+            rep = replace(frep if kept is fresh else rep, converged=math.isfinite(frep.val_loss) or math.isfinite(rep.val_loss),
+                          notes=notes + list(frep.notes), epochs=rep.epochs + frep.epochs, seconds=rep.seconds + frep.seconds, restarts=1)
         report = {
             "converged": rep.converged, "restarts": rep.restarts, "epochs": rep.epochs, "seconds": round(rep.seconds, 2),
             "val_loss": rep.val_loss, "baseline_loss": rep.baseline_loss, "notes": list(rep.notes),
+            "prior": attack.prior_outcome,
         }
         if inputs.candidate_state is not None and attack.holds_out and attack.holdout is not None:
             attack = _select(attack, inputs.candidate_state, spec, z_train, x_aux, report, inputs.candidate_converged, modality)
-    scores = {d: _score(attack, defended(fitted(d), inputs.acts[d], seed=spec.seed, cut=spec.cut, which="eval"), x_eval, modality)
+    prior = modality.score(modality.prior(x_aux).expand_as(x_eval), x_eval)[modality.headline] if spec.score else None
+    scores = {d: _score(attack, defended(fitted(d), inputs.acts[d], seed=spec.seed, cut=spec.cut, which="eval"), inputs, modality, prior)
               for d in spec.score}
     state = attack.state() if attack.warm_start else None
     return JobOutput(spec=spec, report=report, state=state, scores=scores, seconds=time.perf_counter() - start)
@@ -202,12 +220,28 @@ def _fitted(inputs: JobInputs, spec: str) -> Fitted | None:
     return f
 
 
-def _score(attack, z_eval: torch.Tensor, x_eval: torch.Tensor, modality) -> Scores:
+@torch.no_grad()
+def _score(attack, z_eval: torch.Tensor, inputs: JobInputs, modality, prior: torch.Tensor) -> Scores:
+    """Per-sample scores of the reconstructions of ``z_eval``: the modality's metrics, re-identification
+    (``reid_top1``; with a judge also in its feature space, ``reid_top1_features``) and the judge's verdict
+    (``attack_correct``), plus the reconstructions of the fixed samples and of those that gain most over
+    the no-information guess ``prior`` (per sample), the examples worth looking at."""
+    from splitaudit.judge import reidentified
+
+    x_eval = inputs.x_eval
     recon = modality.clip(attack.reconstruct(z_eval))
     values = modality.score(recon, x_eval)
-    head = values[modality.headline]
-    fixed = torch.arange(min(N_GRID, x_eval.shape[0]), device=head.device)
-    idx = torch.unique(torch.cat([fixed, most_recognizable(head, N_WORST).to(head.device)]))
+    values["reid_top1"] = reidentified(modality.features(recon), modality.features(x_eval))
+    judge = inputs.judge
+    if judge is not None:
+        judge.eval()
+        feats_r, feats_x = judge.features(recon), judge.features(x_eval)
+        values["reid_top1_features"] = reidentified(feats_r, feats_x)
+        if inputs.y_eval is not None:
+            values["attack_correct"] = (judge.classify(feats_r).argmax(dim=1) == inputs.y_eval.to(recon.device)).float()
+    gain = values[modality.headline] - prior.to(recon.device)
+    fixed = torch.arange(min(N_GRID, x_eval.shape[0]), device=gain.device)
+    idx = torch.unique(torch.cat([fixed, most_recognizable(gain, N_WORST).to(gain.device)]))
     return Scores(values=values, recon_idx=idx, recon=recon[idx])
 
 

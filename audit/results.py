@@ -73,6 +73,15 @@ class ResultRow:
     images: str | None = None  # path of the PNG grid, relative to results.json
     defense_info: dict[str, Any] = field(default_factory=dict)
     attack_info: dict[str, Any] = field(default_factory=dict)
+    # Leakage above the prior (paired per-sample differences from the no-information guess) and identity.
+    ssim_gain: float | None = None
+    ssim_gain_ci: tuple[float, float] | None = None
+    psnr_gain: float | None = None
+    psnr_gain_ci: tuple[float, float] | None = None
+    reid_top1: float | None = None  # share of evaluation inputs whose reconstruction picks them out of the N originals
+    reid_top1_ci: tuple[float, float] | None = None
+    reid_chance: float | None = None  # 1 / N
+    attack_accuracy: float | None = None  # the judge's accuracy on the reconstructions (None without labels)
     # The values of a modality's metrics that have no field of their own (``token_accuracy``,
     # ``token_accuracy_ci``, ``baseline_token_accuracy``...): flat keys of the row in results.json.
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +117,9 @@ class AuditResult:
     threshold: float = 0.3
     notes: tuple[str, ...] = ()
     schema: str = SCHEMA
+    # A share of inputs re-identified above which a pair is recognizable, whatever its SSIM (the default
+    # is 5%: 50 times chance among 1,000 evaluation inputs).
+    reid_threshold: float = 0.05
     # An extra top-level key (the contract allows them): the output of ``splitaudit plan`` for a
     # deployment profile, when the audit was given ``--plan-profile``. Written only when present.
     plan: dict[str, Any] | None = None
@@ -165,8 +177,8 @@ class AuditResult:
         d["results"] = [{**{k: v for k, v in r.items() if k != "metrics"}, **r["metrics"]} for r in d["results"]]
         index = {r.key: i for i, r in enumerate(self.results)}
         d["assessment"] = [a.to_dict(index) for a in self.assessments()]
-        order = ["schema", "created", "seed", "model", "data", "environment", "config", "threshold", "notes", "cuts", "results",
-                 "assessment"]
+        order = ["schema", "created", "seed", "model", "data", "environment", "config", "threshold", "reid_threshold", "notes", "cuts",
+                 "results", "assessment"]
         if self.plan is not None:
             order.append("plan")
         return _jsonable({k: d[k] for k in order})
@@ -211,7 +223,8 @@ def _parse_constant(name: str):
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-_TUPLE_FIELDS = {"shape", "aliases", "ssim_ci", "psnr_ci", "worst_indices", "flags", "notes"}
+_TUPLE_FIELDS = {"shape", "aliases", "ssim_ci", "psnr_ci", "worst_indices", "flags", "notes", "ssim_gain_ci", "psnr_gain_ci",
+                 "reid_top1_ci"}
 
 
 _REQUIRED_FLOATS = {"ssim", "psnr", "baseline_ssim"}  # non-finite values are written as null

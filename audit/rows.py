@@ -35,8 +35,9 @@ class RowBuilder:
     """``build(cut)`` once a cut's jobs have ended (``all()`` builds any left, for cuts an interrupt left
     unfinished, and returns every row in grid order, flagged)."""
 
-    def __init__(self, scenario, scheduler: Scheduler, latency, utility, prepared, phase, *, grids: bool):
+    def __init__(self, scenario, scheduler: Scheduler, latency, utility, prepared, phase, *, grids: bool, judge=None):
         self.s, self.sched, self.latency, self.utility, self.prepared, self.phase = scenario, scheduler, latency, utility, prepared, phase
+        self.judge = judge
         self.want_grids = grids
         self.by_cut: dict[str, list[ResultRow]] = {}
         self.grids: dict[str, bytes] = {}  # image path -> PNG bytes
@@ -79,21 +80,35 @@ class RowBuilder:
             return ResultRow.make(attack=attack, adaptive=adaptive, converged=False, status="failed", error=report.get("error"),
                                   flags=(f"attack failed: {report.get('error')}",), **empty, **common)
         values = {}
+
+        def put(key: str, v: torch.Tensor, nd: int) -> None:  # mean and interval, from the shared resamples
+            summ = summarize(v, resamples=s.resamples)
+            values[key] = round(summ.mean, nd)
+            values[f"{key}_ci"] = (round(summ.ci[0], nd), round(summ.ci[1], nd))
+
         for m in modality.metrics:
-            summ = summarize(scores.values[m.name], resamples=s.resamples)
-            values[m.name] = round(summ.mean, m.precision)
-            values[f"{m.name}_ci"] = (round(summ.ci[0], m.precision), round(summ.ci[1], m.precision))
-        head = scores.values[modality.headline]
-        worst = most_recognizable(head, N_WORST)
+            v = scores.values[m.name].cpu()
+            put(m.name, v, m.precision)
+            put(f"{m.name}_gain", v - s.baseline[m.name], m.precision)  # paired: the same samples, the same resamples
+        put("reid_top1", scores.values["reid_top1"].cpu(), 5)
+        values["reid_chance"] = round(1 / s.n_eval, 6)
+        if "reid_top1_features" in scores.values:
+            put("reid_top1_features", scores.values["reid_top1_features"].cpu(), 5)
+        if "attack_correct" in scores.values and self.judge is not None:
+            put("attack_accuracy", scores.values["attack_correct"].cpu(), 5)
+            values.update(judge_accuracy=round(self.judge.accuracy, 5), attack_chance=round(self.judge.chance, 5))
+        head = scores.values[modality.headline].cpu()
+        # The examples worth looking at: those the reconstruction rebuilt best beyond the prior.
+        worst = most_recognizable(head - s.baseline[modality.headline], N_WORST)
         images = None
         # Grids for every row an attacker would pick: undefended, and adaptive under a defense. The naive
         # (non-adaptive) rows only show the gap in numbers.
         if self.want_grids and (adaptive or common["defense"] == "none"):
             images = image_name(common["cut"], common["defense"], attack, adaptive)
             recon = torch.zeros_like(s.x_eval)
-            recon[scores.recon_idx] = scores.recon.to(recon.device)
+            recon[scores.recon_idx.to(recon.device)] = scores.recon.to(recon.device)
             fixed = torch.arange(min(N_GRID, s.n_eval))
-            self.grids[images] = modality.examples(s.x_eval, recon, fixed=fixed, ranked=worst, values=head)
+            self.grids[images] = modality.examples(s.x_eval.cpu(), recon.cpu(), fixed=fixed, ranked=worst, values=head)
         converged = bool(report.get("converged", True))
         flags = () if converged else ("attack did not beat the no-information guess on held-out aux data; its SSIM is a lower bound",)
         return ResultRow.make(

@@ -28,6 +28,7 @@ from splitaudit.cache import Cache
 from splitaudit.config import PROFILES, AuditConfig, resolve_device  # noqa: F401  (re-exported)
 from splitaudit.costs import LatencyMeter, UtilityMeter, cached_flops
 from splitaudit.executors import make_executor
+from splitaudit.judge import train_judge
 from splitaudit.prepared import PreparedModels
 from splitaudit.progress import Reporter
 from splitaudit.results import AuditResult
@@ -67,6 +68,7 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
     flops = cached_flops(s, cache)
     latency, utility = LatencyMeter(s, flops, timings.phase), UtilityMeter(s, cache)
     cut_infos = latency.cut_infos()  # before anything else runs: latency needs a quiet machine
+    judge = train_judge(s, cache, reporter, timings.phase)  # labels reconstructions: the attack accuracy
     prepared = PreparedModels(s, cache, reporter, timings.phase)
     prepared.start()
     warming = _warm_report(config) if config.out else None
@@ -75,8 +77,8 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
     try:
         with executor:
             store = ActivationStore(s, cache, flops)
-            sched = Scheduler(s, executor, prepared, store, utility, cache, reporter, timings.phase)
-            rows = RowBuilder(s, sched, latency, utility, prepared, timings.phase, grids=config.out is not None)
+            sched = Scheduler(s, executor, prepared, store, utility, cache, reporter, timings.phase, judge=judge)
+            rows = RowBuilder(s, sched, latency, utility, prepared, timings.phase, grids=config.out is not None, judge=judge)
             sched.on_cut_done = rows.build  # a cut's rows are built while the next cuts train
             try:
                 sched.run()
@@ -91,7 +93,7 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
     if warming is not None:
         warming.join()  # pyplot is not thread-safe: the report is drawn after the warm-up, never beside it
     executor_info = {"executor": executor.name, "workers": executor.workers, "threads_per_job": sched.threads_per_job}
-    result = _result(s, cut_infos, rows.all(), rows.grids, utility.notes, cache, timings, executor_info, t_start, interrupted)
+    result = _result(s, cut_infos, rows.all(), rows.grids, utility.notes, cache, timings, executor_info, t_start, interrupted, judge)
     if interrupted:
         raise AuditInterrupted(result)
     return result
@@ -131,7 +133,7 @@ def _environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def _result(s: Scenario, cut_infos, rows, grids, notes_extra, cache, timings, executor_info, t_start, interrupted) -> AuditResult:
+def _result(s: Scenario, cut_infos, rows, grids, notes_extra, cache, timings, executor_info, t_start, interrupted, judge) -> AuditResult:
     cfg = s.config
     notes = list(s.notes) + list(notes_extra)
     if interrupted:
@@ -145,20 +147,24 @@ def _result(s: Scenario, cut_infos, rows, grids, notes_extra, cache, timings, ex
         data={
             "spec": cfg.data, **s.splits.summary(), "shape": list(s.dataset.shape), "labelled": s.dataset.y is not None,
             "hash": s.data_hash, "license": s.dataset.license, "attacker_aux": s.attacker, "aux_data": cfg.aux_data,
-            "aux_queries": cfg.aux_queries, "modality": s.modality.name,
+            "aux_queries": cfg.aux_queries, "modality": s.modality.name, "warnings": list(s.warnings),
+            "judge": None if judge is None else {
+                "accuracy": round(judge.accuracy, 5), "chance": round(judge.chance, 5), "classes": judge.num_classes,
+                "architecture": type(judge.model).__name__, "trained_on": f"the aux split ({s.splits.aux.n} samples)"},
         },
         environment=_environment(s.device),
         cuts=tuple(cut_infos),
         results=tuple(rows),
         config={
             "profile": cfg.profile, "defenses": [d.spec for d in s.defenses], "attacks": list(cfg.attacks),
-            "cuts": [c.name for c in s.cuts], "threshold": cfg.threshold, "command": cfg.command,
+            "cuts": [c.name for c in s.cuts], "threshold": cfg.threshold, "reid_threshold": cfg.reid_threshold, "command": cfg.command,
             "skipped_cuts": [list(x) for x in s.discovery.skipped], "seconds": round(time.perf_counter() - t_start, 1),
             "cache": cache.stats(),
             "timings": {k: round(v, 2) for k, v in list(timings.items())},  # a snapshot: a fine-tuning may still add to it
             **executor_info, "interrupted": interrupted,
         },
         threshold=cfg.threshold,
+        reid_threshold=cfg.reid_threshold,
         notes=tuple(dict.fromkeys(notes)),
         grids=grids,
     )

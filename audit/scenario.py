@@ -49,6 +49,7 @@ class Scenario:
     resamples: Resamples  # every row's intervals come from these (a paired bootstrap)
     baseline: dict[str, torch.Tensor]  # per-sample scores of the no-information guess, per metric
     notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # what the data's size does to the intervals, when it is small
 
     @property
     def model_hash(self) -> str:
@@ -111,6 +112,25 @@ def _predict(model: nn.Module, x: torch.Tensor, notes: list[str]) -> torch.Tenso
         return None
 
 
+SMALL_EVAL, SMALL_AUX = 200, 500
+
+
+def small_data_warnings(n_eval: int, n_aux: int, baseline: torch.Tensor) -> list[str]:
+    """Warnings for an evaluation set under 200 or an aux set under 500 samples, with the interval widths
+    that follow: about 2 x 1.96 sd / sqrt(n) for a mean score (sd: the no-information guess's spread over the
+    evaluation samples), and for a share near 0 (re-identification) a resolution of 1/n."""
+    out = []
+    if n_eval < SMALL_EVAL:
+        sd = float(baseline.std()) if baseline.numel() > 1 else 0.0
+        width = 2 * 1.96 * sd / max(n_eval, 1) ** 0.5
+        out.append(f"only {n_eval} evaluation samples (fewer than {SMALL_EVAL}): a 95% interval of a mean score is about "
+                   f"{width:.3f} wide, and re-identification is resolved in steps of 1/{n_eval} = {1 / max(n_eval, 1):.3f}")
+    if n_aux < SMALL_AUX:
+        out.append(f"only {n_aux} aux samples for the attacker (fewer than {SMALL_AUX}): a learned attack trained on so few is "
+                   "likely weaker than a real attacker's, so its numbers read as lower bounds")
+    return out
+
+
 def build_scenario(config: AuditConfig, *, cache: Cache, reporter: Reporter, phase) -> Scenario:
     """Load and check everything the audit needs, cheapest checks first (a bad defense spec fails
     before the data loads, a bad cut before any training)."""
@@ -148,4 +168,5 @@ def build_scenario(config: AuditConfig, *, cache: Cache, reporter: Reporter, pha
         model_info=model_info, x_aux=x_aux, attacker=attacker, aux_key=aux_key, x_eval=x_eval, y_eval=y_eval,
         discovery=discovery, cuts=cuts, defenses=defenses, clean_pred=clean_pred, resamples=resamples, baseline=baseline,
         notes=tuple(notes),
+        warnings=tuple(small_data_warnings(int(x_eval.shape[0]), int(x_aux.shape[0]), baseline[modality.headline])),
     )

@@ -33,8 +33,9 @@ class Scheduler:
     job (and its utility) has ended, so its rows can be built while other cuts train."""
 
     def __init__(self, scenario, executor, prepared: PreparedModels, store: ActivationStore, utility: UtilityMeter, cache, reporter,
-                 phase, on_cut_done: Callable[[str], None] | None = None):
+                 phase, on_cut_done: Callable[[str], None] | None = None, judge=None):
         self.s, self.ex, self.prepared, self.store, self.utility = scenario, executor, prepared, store, utility
+        self.judge = judge
         self.cache, self.reporter, self.phase, self.on_cut_done = cache, reporter, phase, on_cut_done
         self.outputs: dict[str, JobOutput | BaseException] = {}
         self.jobs: dict[tuple[str, str, str], JobSpec] = {}  # (cut, attack, role) -> spec
@@ -91,7 +92,9 @@ class Scheduler:
 
     def _start_cut(self, cut: str) -> None:
         s = self.s
-        self._inputs[cut] = {"x_aux": self.ex.put("x_aux", s.x_aux), "x_eval": self.ex.put("x_eval", s.x_eval), "acts": {}}
+        self._inputs[cut] = {"x_aux": self.ex.put("x_aux", s.x_aux), "x_eval": self.ex.put("x_eval", s.x_eval), "acts": {},
+                             "judge": None if self.judge is None else self.ex.put(("judge",), self.judge.model),
+                             "y_eval": None if s.y_eval is None else self.ex.put("y_eval", s.y_eval)}
         # The activations of changed models are added when a job first needs them (after the base fit,
         # by when their fine-tuning has usually finished).
         early = [d for d in s.defenses if not d.changes_model]
@@ -153,6 +156,7 @@ class Scheduler:
             base_state=None if base_state is None else self.ex.put(("base", spec.cut, spec.attack), base_state),
             candidate_state=None if candidate is None else self.ex.put(("clean", spec.cut, spec.attack), candidate.state),
             candidate_converged=True if candidate is None else bool(candidate.report.get("converged", True)), cached=hit,
+            judge=inp["judge"], y_eval=inp["y_eval"],
         )
         self._tasks[spec.id] = self.reporter.open(spec.label + (" (cached)" if hit else ""))
         self._handles[self.ex.submit(spec, inputs)] = spec

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -37,40 +38,78 @@ def cuts_table(rows: list[dict], *, title: str = "candidate cuts", compact: bool
     return t
 
 
-def audit_table(result: AuditResult) -> Table:
-    """One line per (cut, defense): its assessment and the headline row it rests on (the strongest attack)."""
-    thr = result.threshold
-    t = Table(title=f"leakage by cut (threshold SSIM {thr:.2f}; higher = more recognizable)")
-    for col in ("cut", "shape", "KB/sample", "head MFLOPs", "defense", "SSIM [95% CI]", "PSNR dB", "baseline", "acc", "verdict"):
-        t.add_column(col, justify="left" if col in ("cut", "shape", "defense", "verdict") else "right")
+SHORT = {"recognizable": "recognizable", "no_leakage_beyond_prior": "prior only", "not_recognizable": "not recognizable",
+         "no_conclusion": "no conclusion"}
+
+
+def audit_table(result: AuditResult, width: int = 80) -> Table:
+    """One line per (cut, defense): its assessment, and the numbers of the headline row it rests on (the
+    strongest attack). Columns are dropped, never wrapped or cut, to fit ``width`` (80 in a CI log): the
+    details (every attack, the reasons) are in the report and results.json. Defense specs are shortened
+    to their first parameter where that still tells them apart, so no two lines read alike."""
+    from splitaudit.plan import short_defense_names
+
+    short = short_defense_names(result.defenses())
     info = {c.name: c for c in result.cuts}
+    lines, last = [], None
     for a in result.assessments():
-        c, h = info.get(a.cut), a.headline
-        style = STYLE[a.status] if not a.failed else "red"
-        shape = "×".join(map(str, c.shape)) if c else "n/a"
-        flops = f"{c.head_flops / 1e6:.3f}" if c else "n/a"
-        if h is None:  # every attack failed: shown, as a failure
-            t.add_row(a.cut, shape, "-", flops, a.defense, "-", "-", "-", "-", f"[{style}]{a.words}[/{style}]")
-            continue
-        attack = h.attack + (" adaptive" if h.adaptive else "")
-        t.add_row(
-            a.cut, shape, _kb(h.bytes_per_sample or (c.bytes_per_sample if c else None)), flops,
-            a.defense, f"{h.ssim:.3f} [{h.ssim_ci[0]:.3f}, {h.ssim_ci[1]:.3f}]",
-            "inf" if not math.isfinite(h.psnr) else f"{h.psnr:.1f}", f"{h.baseline_ssim:.3f}",
-            "-" if h.accuracy is None else f"{h.accuracy:.3f}", f"[{style}]{a.words}[/{style}] ({attack})",
-        )
+        h, c = a.headline, info.get(a.cut)
+        style = "red" if a.failed else STYLE[a.status]
+        word = "ALL FAILED" if a.failed else SHORT[a.status]
+        cells = {"cut": a.cut if a.cut != last else "", "defense": short.get(a.defense, a.defense), "verdict": (word, style)}
+        last = a.cut
+        if h is not None:
+            half = (h.ssim_ci[1] - h.ssim_ci[0]) / 2 if all(map(math.isfinite, h.ssim_ci)) else math.nan
+            kb = h.bytes_per_sample if h.bytes_per_sample is not None else (c.bytes_per_sample if c else None)
+            cells.update({
+                "SSIM": f"{h.ssim:.3f}", "±": "-" if math.isnan(half) else f"{half:.3f}",
+                "gain": "-" if h.ssim_gain is None else f"{h.ssim_gain:+.3f}",
+                "re-id": "-" if h.reid_top1 is None else f"{100 * h.reid_top1:.1f}%",
+                "acc": "-" if h.accuracy is None else f"{h.accuracy:.3f}", "KB": _kb(kb),
+                "attack": h.attack + (" adaptive" if h.adaptive else ""),
+            })
+        lines.append(cells)
+    cols = ["cut", "defense", "verdict", "SSIM", "gain", "re-id", "acc", "±", "KB", "attack"]
+
+    def w(col):  # the column's width: its longest cell or its header
+        return max([len(col)] + [len(x[0] if isinstance(x, tuple) else x) for ln in lines if (x := ln.get(col, "-"))])
+
+    keep = []
+    for col in cols:  # in order of importance, while they fit (a column and its separator)
+        if sum(w(k) + 2 for k in keep) + w(col) <= width or col in ("cut", "defense", "verdict"):
+            keep.append(col)
+    t = Table(title=f"leakage by cut (SSIM threshold {result.threshold:g}; gain over the no-information guess)", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0), show_edge=False, collapse_padding=True)
+    for col in keep:
+        t.add_column(col, justify="left" if col in ("cut", "defense", "verdict", "attack") else "right", no_wrap=True, min_width=w(col))
+    for ln in lines:
+        row = []
+        for col in keep:
+            v = ln.get(col, "-")
+            row.append(f"[{v[1]}]{v[0]}[/{v[1]}]" if isinstance(v, tuple) else v)
+        t.add_row(*row)
     return t
 
 
 def print_audit(result: AuditResult, console: Console | None = None) -> None:
     console = console or Console()
-    console.print(audit_table(result))
-    flagged = [r for r in result.results if r.flags]
-    for r in flagged:
-        for f in r.flags:
-            console.print(f"[yellow]! {r.cut} / {r.defense} / {r.attack}{' adaptive' if r.adaptive else ''}: {f}[/yellow]")
+    console.print(audit_table(result, width=console.width))
+    counts: dict[str, int] = {}
+    for a in result.assessments():
+        counts[a.status] = counts.get(a.status, 0) + 1
+    line = "verdicts: " + ", ".join(f"{n} {SHORT[k].lower()}" for k, n in counts.items())
+    chance = next((r.reid_chance for r in result.results if r.reid_chance), None)
+    if chance:
+        line += f". re-id: the share of inputs a reconstruction picks out of the evaluation set (chance {100 * chance:.2f}%)"
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+    for a in result.assessments():
+        if a.status == "no_conclusion":
+            console.print(f"no conclusion at {a.cut} / {a.defense}: {a.reasons[0]}", style="yellow", markup=False, highlight=False,
+                          soft_wrap=True)
+    for w in result.data.get("warnings", []) or []:
+        console.print(f"warning: {w}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     for n in result.notes:
-        console.print(f"[yellow]note: {n}[/yellow]")
+        console.print(f"note: {n}", style="yellow", markup=False, highlight=False, soft_wrap=True)
 
 
 # --- the plan ------------------------------------------------------------------------------------------

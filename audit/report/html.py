@@ -52,6 +52,7 @@ class Verdict:
     attack: str
     accuracy_note: str = ""
     reasons: tuple[str, ...] = ()
+    identity: str = ""  # gain over the prior, re-identification and attack accuracy, in words
 
 
 @dataclass(frozen=True)
@@ -172,8 +173,21 @@ def _verdict(result: AuditResult, a: Assessment, *, undefended: bool, ref_acc: f
         cut=row.cut, defense=row.defense, undefended=undefended, text=a.words, kind=_kind(a),
         ssim=row.ssim, lo=lo, hi=hi,
         straddles=_finite(lo) and _finite(hi) and lo <= thr < hi, attack=_attack_name(row), accuracy_note=acc_note,
-        reasons=a.reasons if a.status == "no_conclusion" else (),
+        reasons=a.reasons if a.status in ("no_conclusion", "no_leakage_beyond_prior") else (), identity=_identity(row),
     )
+
+
+def _identity(row: ResultRow) -> str:
+    parts = []
+    if row.ssim_gain is not None and row.ssim_gain_ci is not None:
+        parts.append(f"SSIM gain over the no-information guess {row.ssim_gain:+.3f} [{row.ssim_gain_ci[0]:+.3f}, {row.ssim_gain_ci[1]:+.3f}]")
+    if row.reid_top1 is not None and row.reid_chance:
+        parts.append(f"{100 * row.reid_top1:.1f}% of the inputs re-identified among {row.n_eval} (chance {100 * row.reid_chance:.2f}%)")
+    judge, chance = row.metrics.get("judge_accuracy"), row.metrics.get("attack_chance")
+    if row.attack_accuracy is not None and judge is not None:
+        parts.append(f"an independent classifier labels {100 * row.attack_accuracy:.1f}% of the reconstructions right "
+                     f"({100 * judge:.1f}% of the originals; chance {100 * (chance or 0):.1f}%)")
+    return "; ".join(parts)
 
 
 def _reference_accuracy(result: AuditResult, cut: str, row: ResultRow | None = None) -> float | None:
