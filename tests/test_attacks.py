@@ -60,6 +60,12 @@ def test_decoder_flags_an_attack_that_cannot_beat_the_prior():
     assert report.restarts == 1  # it was retried from a new initialization
     assert report.val_loss > 0.9 * report.baseline_loss
     assert any("does not beat the no-information guess" in n for n in report.notes)
+    # Two starts that both fail to beat the guess are a finding: converged, and the report says which.
+    assert report.converged and attack.prior_outcome == "not beaten after a restart"
+    # One start alone says nothing yet: a decoder that never beat the guess is not converged.
+    single = make_attack("decoder", profile="quick", params={"epochs": 2, "width": 16, "restarts": 0})
+    rep1 = single.fit(z, x, AttackContext((1, 12, 12), (8,), "quick", torch.Generator().manual_seed(0)))
+    assert not rep1.converged and single.prior_outcome == "not beaten, no restart"
 
 
 def test_decoder_config_is_validated():

@@ -194,3 +194,57 @@ def test_the_console_table_fits_a_ci_log_and_a_terminal_without_wrapping():
         assert max(len(ln) for ln in lines[1:]) <= width
         assert len(set(body)) == 55  # no two rows look alike (the noise levels keep their sigma)
         assert any("noise:sigma=0.5" in ln for ln in body) and any("noise:sigma=2 " in ln for ln in body)
+
+
+# ------------------------------------------------------------------------------------------------
+# identity: re-identification, the gate's identity keys and the Markdown summary
+# ------------------------------------------------------------------------------------------------
+def test_reidentification_finds_each_input_when_the_reconstruction_is_closest_to_it():
+    from splitaudit.judge import reidentified
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=g)
+    assert reidentified(x + 0.01 * torch.randn(50, 8, generator=g), x).mean() == 1.0
+    shuffled = x[torch.randperm(50, generator=g)]
+    assert reidentified(shuffled, x).mean() < 0.2  # a reconstruction closest to another input does not count
+    prior = x.mean(dim=0, keepdim=True).expand_as(x)
+    assert reidentified(prior, x).sum() <= 1  # the no-information guess identifies at most one input
+    assert torch.equal(reidentified(x, x, chunk=7), reidentified(x, x))  # chunking changes nothing
+
+
+def test_the_gate_checks_identity_and_writes_a_markdown_summary(tmp_path):
+    from splitaudit.gate import GateConfig, Rule, append_summary, assert_max_reid, assert_max_ssim_gain, evaluate
+
+    r = _result(_row(ssim=0.25, reid=0.2, n=100))
+    cfg = GateConfig(thresholds={"max_ssim": 0.3, "max_reid": 0.1, "max_reid_over_chance": 30.0, "max_ssim_gain": 0.2},
+                     rules=(Rule(cut="c", defense=None, limits={"max_attack_accuracy": 0.5}),))
+    checks = {c.metric: c for c in evaluate(r, cfg).checks}
+    assert checks["max_ssim"].passed  # 0.25 <= 0.3 ...
+    assert not checks["max_reid"].passed and "0.200 > limit 0.100" in checks["max_reid"].message  # ... but identity leaks
+    assert checks["max_reid_over_chance"].value == pytest.approx(20.0) and checks["max_reid_over_chance"].passed
+    assert checks["max_ssim_gain"].passed and checks["max_ssim_gain"].value == pytest.approx(0.15)
+    assert not checks["max_attack_accuracy"].passed and "was not measured" in checks["max_attack_accuracy"].message
+    assert r.assessment("c", "none").status == RECOGNIZABLE  # 20% re-identified > the 5% threshold
+    with pytest.raises(AssertionError, match="re-identified share"):
+        assert_max_reid(r, cut="c", limit=0.1)
+    assert_max_ssim_gain(r, cut="c", limit=0.2)
+    summary = tmp_path / "summary.md"
+    summary.write_text("earlier step\n")
+    report = evaluate(r, cfg)
+    append_summary(report, r, summary)
+    text = summary.read_text()
+    assert text.startswith("earlier step\n## splitaudit gate: FAILED")  # appended, as GITHUB_STEP_SUMMARY expects
+    assert "| `c` | `none` | recognizable | 0.250 [0.240, 0.260] | +0.150 | 20.0% | - |" in text
+    assert "### Failed checks" in text and "`c / none: max_reid`" in text
+
+
+def test_gate_summary_flag_from_the_cli(tmp_path, capsys):
+    from splitaudit.cli import main
+
+    r = _result(_row(ssim=0.1))
+    r.save(tmp_path / "results.json")
+    (tmp_path / "splitaudit.toml").write_text("[thresholds]\nmax_ssim = 0.3\nmax_reid = 0.5\n")
+    code = main(["gate", "--config", str(tmp_path / "splitaudit.toml"), "--results", str(tmp_path / "results.json"),
+                 "--summary", str(tmp_path / "s.md")])
+    assert code == 0, capsys.readouterr()
+    assert "## splitaudit gate: passed" in (tmp_path / "s.md").read_text()
