@@ -49,48 +49,6 @@ class TrainResult:
     history: list[tuple[float, float]] = field(default_factory=list)  # (train loss, val loss) per epoch
 
 
-class _FusedAdam:
-    """Adam through torch's fused kernel, outside ``torch.optim``.
-
-    The arithmetic of ``torch.optim.Adam(fused=True)``: the same state (zeroed moments and a float32
-    step counter per parameter, on its device, made at its first gradient), the counter incremented,
-    then the same kernel, ``torch._fused_adam_``, over the parameters that have a gradient. The
-    updates are bitwise equal (tested). What it leaves out is the wrapper around every ``torch.optim``
-    step, which imports ``torch._dynamo`` on a process's first step: 1.4 s before a built-in victim
-    could start training, on the audit's one-core path.
-    """
-
-    def __init__(self, params: Sequence[nn.Parameter], *, lr: float, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.params = list(params)
-        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
-        self.state: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # index -> (exp_avg, exp_avg_sq, step)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        groups: dict[tuple, list[list[torch.Tensor]]] = {}
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            if i not in self.state:
-                self.state[i] = (torch.zeros_like(p, memory_format=torch.preserve_format),
-                                 torch.zeros_like(p, memory_format=torch.preserve_format),
-                                 torch.zeros((), dtype=torch.float32, device=p.device))
-            exp_avg, exp_avg_sq, step = self.state[i]
-            g = groups.setdefault((p.device, p.dtype), [[], [], [], [], []])
-            for acc, t in zip(g, (p, p.grad, exp_avg, exp_avg_sq, step)):
-                acc.append(t)
-        for ps, grads, exp_avgs, exp_avg_sqs, steps in groups.values():
-            torch._foreach_add_(steps, 1)
-            torch._fused_adam_(ps, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=self.lr, beta1=self.betas[0],
-                               beta2=self.betas[1], weight_decay=self.weight_decay, eps=self.eps, maximize=False,
-                               grad_scale=None, found_inf=None)
-
-
 class _Shuffled:
     """Mini-batches of in-memory tensors in a fresh order each epoch, drawn from ``generator``."""
 
@@ -143,12 +101,10 @@ def train(
     # Adam's fused kernel updates every parameter in one pass (10-15% of a small decoder's step on a
     # CPU). Not under a wrapper: Opacus's optimizer drives a torch.optim one step by step.
     fused = wrap is None and bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    opt: torch.optim.Optimizer | _FusedAdam
+    opt: torch.optim.Optimizer
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    elif fused and all(p.device.type == "cpu" for p in params):
-        opt = _FusedAdam(params, lr=config.lr, weight_decay=config.weight_decay)
-    else:  # CUDA keeps torch's optimizer, whose fused path was checked there (the import matters less beside a GPU)
+    else:
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, **({"fused": True} if fused else {}))
     run_model = model
     loader: Iterable[Sequence[torch.Tensor]]

@@ -6,9 +6,7 @@ exits 1. Progress goes to stderr; tables to stdout; data to files.
 
 from __future__ import annotations
 
-import atexit
 import json
-import os
 import shlex
 import sys
 from enum import Enum
@@ -343,23 +341,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The console script.
-
-    It ends with ``os._exit`` once the exit handlers have run and the output is flushed: the
-    interpreter's teardown of the modules an audit loads (torch, opacus, matplotlib) took 1.5 s of
-    every run here, 0.5 s for torch alone. Everything an audit writes is renamed into place and synced
-    by then, and the executors have shut their workers (and Ray) down. After an error or Ctrl-C a
-    defense's fine-tuning thread may still be running; it ends with the process (its cache writes are
-    atomic, so it leaves no half entry).
-    """
-    code = main()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe
-            pass
-    os._exit(code)
+    """The console script: exit with :func:`main`'s code through ``sys.exit``, so the interpreter's
+    normal shutdown runs (exit handlers, flushing, joining threads). After an error or Ctrl-C a
+    defense's fine-tuning thread has been told to stop and ends at its next epoch; the process waits
+    for it."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

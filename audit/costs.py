@@ -20,33 +20,12 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from splitaudit.cuts import _module, _StopForward, head_forward, run_model
 from splitaudit.errors import ModelError
 
 BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "int8": 1}
-
-
-def _count_without_importing_dynamo() -> None:
-    """torch wraps every dispatch mode's handler so that ``torch.compile`` does not trace into it, and
-    that wrapper imports all of ``torch._dynamo`` (1.4 s here, on the audit's serial path) the first
-    time the mode sees an op. Our FLOP counts never run under ``torch.compile``, so the counter's
-    handler is marked as wrapped already. The mark is process-wide: a ``FlopCounterMode`` that other
-    code in the process runs under ``torch.compile`` is traced into instead of skipped (counts checked
-    equal under an eager compile). Where torch's wrapper is not the one this expects (another torch
-    version), nothing changes and the first count pays the import."""
-    mode = getattr(flop_counter, "_FlopCounterMode", None)  # the dispatch mode inside FlopCounterMode
-    raw = getattr(getattr(mode, "__dict__", {}).get("__torch_dispatch__"), "__wrapped__", None)
-    if callable(raw) and not hasattr(raw, "__dynamo_disable"):
-        try:
-            raw.__dynamo_disable = raw  # the attribute torch._compile._disable_dynamo caches its result in
-        except (AttributeError, TypeError):
-            pass
-
-
-_count_without_importing_dynamo()
 
 
 def bytes_per_sample(shape: tuple[int, ...], dtype: str = "float32") -> int:
