@@ -47,8 +47,8 @@ def test_specs_are_canonical(given, canonical):
 def test_dropout_zeroes_a_share_p_and_rescales_the_rest(p):
     z = activations()
     d = make_defense(f"dropout:p={p}")
-    d.fit(z)
-    out = d.apply(z, generator=gen(1))
+    f = d.fit(z)  # the fitted transform (the defense itself is never changed)
+    out = f(z, generator=gen(1))
     assert out.shape == z.shape and out.dtype == z.dtype
     zeroed = out == 0
     # 200k Bernoulli draws: the share's std is below 0.0012.
@@ -60,8 +60,8 @@ def test_dropout_zeroes_a_share_p_and_rescales_the_rest(p):
 def test_dropout_is_reproducible_by_its_generator():
     z = activations(10_000)
     d = make_defense("dropout:p=0.5")
-    d.fit(z)
-    a, b, c = d.apply(z, generator=gen(3)), d.apply(z, generator=gen(3)), d.apply(z, generator=gen(4))
+    f = d.fit(z)  # the fitted transform (the defense itself is never changed)
+    a, b, c = f(z, generator=gen(3)), f(z, generator=gen(3)), f(z, generator=gen(4))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert 0.4 < float(((a == 0) != (c == 0)).float().mean()) < 0.6  # independent masks differ in half the places
@@ -73,24 +73,24 @@ def test_dropout_is_reproducible_by_its_generator():
 def test_quantization_has_at_most_2_to_the_bits_levels_within_half_a_step(bits):
     aux = activations(50_000, seed=0)
     d = make_defense(f"quant:bits={bits}")
-    d.fit(aux)
+    f = d.fit(aux)  # the fitted transform (the defense itself is never changed)
     lo, hi = float(aux.min()), float(aux.max())
     z = activations(50_000, seed=1).clamp(lo, hi)  # inside the fitted range
-    out = d.apply(z, generator=None)
+    out = f(z, generator=None)
     levels = torch.unique(out)
     assert len(levels) <= 2**bits
     assert len(levels) == 2**bits or bits == 8  # a coarse grid over this spread uses every level
     step = (hi - lo) / (2**bits - 1)
     assert float((out - z).abs().max()) <= step / 2 * (1 + 1e-4) + 1e-6
     assert float(out.min()) >= lo - 1e-6 and float(out.max()) <= hi + 1e-6
-    assert torch.equal(d.apply(z, generator=gen(0)), out)  # deterministic: the generator plays no part
+    assert torch.equal(f(z, generator=gen(0)), out)  # deterministic: the generator plays no part
 
 
 def test_quantization_clips_outside_the_fitted_range():
     aux = torch.linspace(-1.0, 2.0, 1000)
     d = make_defense("quant:bits=4")
-    d.fit(aux)
-    out = d.apply(torch.tensor([-50.0, -1.5, -1.0, 2.0, 2.5, 1e6]), generator=None)
+    f = d.fit(aux)  # the fitted transform (the defense itself is never changed)
+    out = f(torch.tensor([-50.0, -1.5, -1.0, 2.0, 2.5, 1e6]), generator=None)
     torch.testing.assert_close(out, torch.tensor([-1.0, -1.0, -1.0, 2.0, 2.0, 2.0]))
 
 
@@ -111,15 +111,15 @@ def test_quantization_wire_bytes_are_the_packed_codes_plus_the_range(bits, shape
 def test_noise_has_the_requested_std_relative_to_the_activation_and_zero_mean(kind, sigma):
     aux = activations()
     d = make_defense(f"noise:sigma={sigma},kind={kind}")
-    d.fit(aux)
-    assert d.info()["noise_std"] == pytest.approx(float(aux.std()) * sigma)
+    f = d.fit(aux)  # the fitted transform (the defense itself is never changed)
+    assert f.info()["noise_std"] == pytest.approx(float(aux.std()) * sigma)
     z = activations(seed=5)
-    noise = d.apply(z, generator=gen(2)) - z
+    noise = f(z, generator=gen(2)) - z
     expected = sigma * float(aux.std())
     assert abs(float(noise.std()) / expected - 1) < 0.02
     assert abs(float(noise.mean())) < 0.01 * expected  # std of the mean: expected / 447
-    assert torch.equal(d.apply(z, generator=gen(2)) - z, noise)
-    assert not torch.equal(d.apply(z, generator=gen(3)) - z, noise)
+    assert torch.equal(f(z, generator=gen(2)) - z, noise)
+    assert not torch.equal(f(z, generator=gen(3)) - z, noise)
 
 
 def excess_kurtosis(x: torch.Tensor) -> float:
@@ -133,8 +133,8 @@ def test_laplace_noise_has_heavier_tails_than_gaussian():
     draws = {}
     for kind in ("gaussian", "laplace"):
         d = make_defense(f"noise:sigma=1,kind={kind}")
-        d.fit(aux)
-        draws[kind] = d.apply(z, generator=gen(7))
+        f = d.fit(aux)  # the fitted transform (the defense itself is never changed)
+        draws[kind] = f(z, generator=gen(7))
     # Laplace: excess kurtosis 3 (sample std about 0.1 at this size); Gaussian: 0.
     assert abs(excess_kurtosis(draws["laplace"]) - 3) < 0.5
     assert abs(excess_kurtosis(draws["gaussian"])) < 0.1
