@@ -140,9 +140,13 @@ class Splits:
     aux: Dataset
     eval: Dataset
     seed: int
+    policy: str = "victim"  # victim: a model trained here on the victim split | trained: a model that arrives trained
+    unused: int = 0  # samples the profile's aux budget left out
 
     def summary(self) -> dict:
-        return {"n_victim": self.victim.n, "n_aux": self.aux.n, "n_eval": self.eval.n}
+        return {"n_victim": self.victim.n, "n_aux": self.aux.n, "n_eval": self.eval.n,
+                "split_policy": {"policy": self.policy, "victim": self.victim.n, "aux": self.aux.n, "eval": self.eval.n,
+                                 "unused": self.unused}}
 
 
 def _describe(a) -> str:
@@ -634,13 +638,22 @@ def _stratified_order(idx: np.ndarray, y: np.ndarray | None, gen: torch.Generato
     return idx[np.lexsort((np.arange(len(idx)), frac))]
 
 
-def make_splits(ds: Dataset, *, seed: int = 0, n_eval: int = 1000, max_aux: int | None = None) -> Splits:
+SPLIT_POLICIES = ("victim", "trained")
+
+
+def make_splits(ds: Dataset, *, seed: int = 0, n_eval: int = 1000, max_aux: int | None = None, policy: str = "victim") -> Splits:
     """Disjoint victim / aux / eval parts of ``ds``, deterministic per ``seed``.
 
-    With a predefined ``ds.split`` it is honoured (``n_eval`` and ``max_aux`` only subsample). Otherwise
-    eval gets ``min(n_eval, N // 5)`` samples and the rest is halved into victim and aux. Parts are
-    stratified by label when there are labels.
+    ``policy`` follows the scenario. ``victim`` (a model to train on the data, a built-in victim): eval
+    gets ``min(n_eval, N // 5)`` samples and the rest is halved into victim and aux. ``trained`` (a model
+    that arrives trained, so no victim split): eval gets ``min(n_eval, N // 3)`` and the attacker all the
+    rest. ``max_aux`` (the profile's budget) caps the attacker's part either way; ``Splits.summary`` says
+    how many samples that left unused. A predefined ``ds.split`` is honoured (``n_eval`` and ``max_aux``
+    only subsample; under ``trained`` its victim part goes to the attacker). Parts are stratified by
+    label when there are labels.
     """
+    if policy not in SPLIT_POLICIES:
+        raise UserError(f"unknown split policy {policy!r}; choose {' or '.join(SPLIT_POLICIES)}")
     n = ds.n
     if n < 10:
         raise DataError(f"{ds.spec}: only {n} samples; need at least 10 to split into victim, aux and eval")
@@ -660,19 +673,25 @@ def make_splits(ds: Dataset, *, seed: int = 0, n_eval: int = 1000, max_aux: int 
             parts.append(_stratified_order(idx, y, gen))
         victim, aux, ev = parts
         ev = ev[:n_eval]
+        if policy == "trained":
+            victim, aux = victim[:0], _stratified_order(np.concatenate([aux, victim]), y, gen)
     else:
-        n_ev = max(1, min(n_eval, n // 5))
+        n_ev = max(1, min(n_eval, n // (3 if policy == "trained" else 5)))
         order = _stratified_order(np.arange(n), y, gen)
         ev, rest = order[:n_ev], order[n_ev:]
-        n_victim = len(rest) // 2
+        n_victim = 0 if policy == "trained" else len(rest) // 2
         victim, aux = rest[:n_victim], rest[n_victim:]
+    unused = 0
     if max_aux is not None:
+        unused = max(0, len(aux) - max_aux)
         aux = aux[:max_aux]
     return Splits(
         victim=ds.subset(torch.from_numpy(np.ascontiguousarray(victim))),
         aux=ds.subset(torch.from_numpy(np.ascontiguousarray(aux))),
         eval=ds.subset(torch.from_numpy(np.ascontiguousarray(ev))),
         seed=int(seed),
+        policy=policy,
+        unused=unused,
     )
 
 

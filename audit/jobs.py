@@ -77,6 +77,7 @@ class JobInputs:
     candidate_converged: bool = True
     cached: dict | None = None  # {"state", "report"}: the fitted attack from the cache; the job only scores
     judge: nn.Module | None = None  # the independent classifier that labels reconstructions (None: no labels)
+    judge_features: torch.Tensor | None = None  # its features of the evaluation originals
     y_eval: torch.Tensor | None = None  # the evaluation labels, for the attack accuracy
 
 
@@ -235,7 +236,7 @@ def _score(attack, z_eval: torch.Tensor, inputs: JobInputs, modality, prior: tor
     judge = inputs.judge
     if judge is not None:
         judge.eval()
-        feats_r, feats_x = judge.features(recon), judge.features(x_eval)
+        feats_r, feats_x = judge.features(recon), inputs.judge_features.to(recon.device)
         values["reid_top1_features"] = reidentified(feats_r, feats_x)
         if inputs.y_eval is not None:
             values["attack_correct"] = (judge.classify(feats_r).argmax(dim=1) == inputs.y_eval.to(recon.device)).float()

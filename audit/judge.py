@@ -22,7 +22,7 @@ from splitaudit.attacks.base import build_module
 from splitaudit.attacks.training import TrainConfig, train
 from splitaudit.seeding import job_generator
 
-RECIPE = TrainConfig(epochs=6, lr=3e-3, batch_size=128, patience=None)
+RECIPE = TrainConfig(epochs=30, lr=1e-2, batch_size=128, patience=None)  # 0.92 on MNIST from 1,000 aux digits, about 1 s
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,16 +31,12 @@ class Judge:
     accuracy: float  # on the evaluation originals
     chance: float  # the share of the most frequent evaluation label
     num_classes: int
+    eval_features: torch.Tensor  # its features of the evaluation originals (re-identification compares with them)
 
 
 def _loss(model, batch):
     x, y = batch
     return F.cross_entropy(model(x), y)
-
-
-@torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    return torch.cat([model(x[i : i + batch]).argmax(dim=1) for i in range(0, x.shape[0], batch)])
 
 
 def train_judge(scenario, cache, reporter, phase) -> Judge | None:
@@ -66,9 +62,11 @@ def train_judge(scenario, cache, reporter, phase) -> Judge | None:
                       generator=job_generator(s.config.seed, "judge", "order"), on_epoch=lambda ep, tr, va: task.update(ep))
             cache.put("models", key, {k: v.cpu() for k, v in model.state_dict().items()})
         model.eval()
-        acc = float((_predict(model, s.x_eval) == s.y_eval).float().mean())
+        with torch.no_grad():
+            feats = torch.cat([model.features(s.x_eval[i : i + 512]) for i in range(0, s.n_eval, 512)])
+        acc = float((model.classify(feats).argmax(dim=1) == s.y_eval).float().mean())
     chance = float(torch.bincount(s.y_eval.cpu(), minlength=num_classes).max()) / s.n_eval
-    return Judge(model=model, accuracy=acc, chance=chance, num_classes=num_classes)
+    return Judge(model=model, accuracy=acc, chance=chance, num_classes=num_classes, eval_features=feats)
 
 
 def reidentified(recon_features: torch.Tensor, original_features: torch.Tensor, *, chunk: int = 1024) -> torch.Tensor:

@@ -228,16 +228,14 @@ def build_model(spec: str, *, in_channels: int, num_classes: int) -> nn.Module:
         return BUILTIN_MODELS[parsed.target].build(in_channels, num_classes)
 
 
-def load_model(spec: str, *, weights: str | None, splits, device: torch.device, cache, reporter) -> tuple[nn.Module, dict]:
+def load_model(spec: str, *, weights: str | None, splits, num_classes: int, device: torch.device, cache, reporter) -> tuple[nn.Module, dict]:
     """The model to audit and what the report says of it: a user's model (with ``weights``), or a
     builtin victim with ``weights``, from the cache, or trained on the victim split on first use."""
     from splitaudit.data import data_hash
 
     parsed = parse_model_spec(spec)
     info: dict = {"spec": spec}
-    y = splits.victim.y
-    num_classes = int(y.max()) + 1 if y is not None else 10
-    model = build_model(spec, in_channels=splits.victim.shape[0], num_classes=num_classes)
+    model = build_model(spec, in_channels=splits.eval.shape[0], num_classes=num_classes)
     if weights:
         load_weights(model, weights)
         info["weights"] = str(weights)

