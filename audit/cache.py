@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,18 @@ class Cache:
         self.hits = 0
         self.misses = 0
         self.by_kind: dict[str, dict[str, int]] = {}
+        self.keys: dict[str, dict[str, None]] = {}  # kind -> every key asked for (results.json records them)
+        self._lock = threading.Lock()  # jobs' threads and the fine-tuning thread count beside the driver
 
-    def _count(self, kind: str, what: str) -> None:
-        setattr(self, what, getattr(self, what) + 1)
-        self.by_kind.setdefault(kind, {"hits": 0, "misses": 0})[what] += 1
+    def _count(self, kind: str, what: str, key: str) -> None:
+        with self._lock:
+            setattr(self, what, getattr(self, what) + 1)
+            self.by_kind.setdefault(kind, {"hits": 0, "misses": 0})[what] += 1
+            self.keys.setdefault(kind, {})[key] = None
 
     def stats(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "enabled": self.enabled, "by_kind": self.by_kind}
+        return {"hits": self.hits, "misses": self.misses, "enabled": self.enabled, "by_kind": self.by_kind,
+                "keys": {k: list(v) for k, v in self.keys.items()}}
 
     def _path(self, kind: str, key: str) -> Path:
         return self.root / kind / f"{key}.pt"
@@ -66,17 +72,17 @@ class Cache:
             data = path.read_bytes()
             digest = path.with_suffix(".sha256").read_text().strip()
         except OSError:
-            self._count(kind, "misses")
+            self._count(kind, "misses", key)
             return None
         if hashlib.sha256(data).hexdigest() != digest:
-            self._count(kind, "misses")
+            self._count(kind, "misses", key)
             return None
         try:
             value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception:
-            self._count(kind, "misses")
+            self._count(kind, "misses", key)
             return None
-        self._count(kind, "hits")
+        self._count(kind, "hits", key)
         return value
 
     def put(self, kind: str, key: str, value: Any) -> None:

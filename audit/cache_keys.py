@@ -7,7 +7,28 @@ value depends on is missing from its key.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
+import sys
+
 from splitaudit.cache import key_of
+
+
+@functools.lru_cache(maxsize=256)
+def _module_source_hash(name: str) -> str:
+    mod = sys.modules.get(name)
+    try:
+        src = inspect.getsource(mod) if mod is not None else name
+    except (OSError, TypeError):  # no source (a C extension, an interactive definition): its name stands for it
+        src = name
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def code_of(*objs) -> str:
+    """A hash of the source of the modules that define ``objs`` (classes or functions): an edited attack,
+    defense or training loop gets new keys, with no version string to bump by hand."""
+    return "-".join(_module_source_hash(getattr(o, "__module__", None) or o.__name__) for o in objs)
 
 
 def flops(model_hash: str, input_shape: tuple[int, ...], cut: str | None) -> str:
@@ -22,23 +43,37 @@ def activations(model_hash: str, data_hash: str, seed: int, profile: str, cut: s
 
 
 def attack_job(*, cut: str, attack: str, defense: str, kind: str, profile: str, seed: int, epochs: int | None,
-               has_candidate: bool, trained_model: str, victim: str, data_hash: str, aux_key: tuple) -> str:
+               has_candidate: bool, trained_model: str, victim: str, data_hash: str, aux_key: tuple, code: str) -> str:
     """A fitted attack: what it was trained on (the model whose activations, the victim it refines from,
-    the data and queries) and how (spec fields); not what it is scored on or how its progress bar reads."""
+    the data and queries), how (spec fields) and by what code (the attack's, its modality's, the training
+    loop's and the defense's source); not what it is scored on or how its progress bar reads."""
     what = (cut, attack, defense, kind, profile, seed, epochs, has_candidate)
-    return key_of("attack-job", what, trained_model, victim, data_hash, aux_key)
+    return key_of("attack-job", what, trained_model, victim, data_hash, aux_key, code)
 
 
-def utility(*, model_hash: str, victim: str, data_hash: str, cut: str, defense: str, seed: int, profile: str) -> str:
-    """Accuracy and agreement of ``defense`` at ``cut`` on ``model_hash`` (agreement is with ``victim``)."""
-    return key_of("utility", model_hash, victim, data_hash, cut, defense, seed, profile)
+def utility(*, model_hash: str, victim: str, data_hash: str, cut: str, defense: str, seed: int, profile: str, code: str) -> str:
+    """Accuracy and agreement of ``defense`` (whose source is ``code``) at ``cut`` on ``model_hash``
+    (agreement is with ``victim``)."""
+    return key_of("utility", model_hash, victim, data_hash, cut, defense, seed, profile, code)
 
 
-def prepared_model(*, victim: str, data_hash: str, defense: str, cut: str | None, profile: str, seed: int) -> str:
-    """The model a defense changes (DP-SGD, NoPeek) from ``victim``, fine-tuned on the victim split."""
-    return key_of("prepared", victim, data_hash, defense, cut, profile, seed)
+def prepared_model(*, victim: str, data_hash: str, defense: str, cut: str | None, profile: str, seed: int, code: str) -> str:
+    """The model a defense changes (DP-SGD, NoPeek) from ``victim``, fine-tuned on the victim split by ``code``."""
+    return key_of("prepared", victim, data_hash, defense, cut, profile, seed, code)
+
+
+def model_hash(weights: str, code: str) -> str:
+    """A model's identity in every other key: its weights *and* its code (an edited ``forward`` with the
+    same weights is another model)."""
+    return hashlib.sha256(f"{weights}|{code}".encode()).hexdigest()
 
 
 def judge(*, data_hash: str, seed: int, profile: str, n_aux: int, architecture: str, recipe: tuple) -> str:
     """The independent classifier trained on the aux split to label reconstructions (attack accuracy)."""
     return key_of("judge", data_hash, seed, profile, n_aux, architecture, recipe)
+
+
+def builtin_victim(*, name: str, data_hash: str, in_channels: int, num_classes: int, recipe: tuple, source: str, trainer: str) -> str:
+    """A builtin victim trained on the data's victim split: its architecture's source, its training recipe
+    and the code that trains it."""
+    return key_of("builtin-victim", name, data_hash, in_channels, num_classes, recipe, hashlib.sha256(source.encode()).hexdigest(), trainer)

@@ -93,6 +93,10 @@ ExecutorOpt = Annotated[ExecutorName, typer.Option(help="where attack jobs run: 
 WorkersOpt = Annotated[int, typer.Option(help="parallel attack jobs (local), or CPUs of a Ray runtime started here; 0: auto")]
 RayAddressOpt = Annotated[Optional[str], typer.Option(help="an existing Ray cluster (ray://host:10001 or auto); default: start one here")]
 PlanProfileOpt = Annotated[Optional[str], typer.Option(help=PLAN_PROFILE_HELP)]
+OutputOpt = Annotated[Optional[str], typer.Option("--output", help="the tensor of the model's output that accuracy uses: an index or "
+                                                  "key path (2, logits, 0.pred); default: the first tensor")]
+InputNormOpt = Annotated[Optional[str], typer.Option("--input-norm", help="MEAN,STD between the data and the model, each a number or one "
+                                                     "per channel joined by '/'; reconstructions stay in the data's space")]
 
 
 def _run_options(profile, device, seed, out, no_cache, cache_dir, executor, workers, ray_address) -> dict:
@@ -181,6 +185,8 @@ def audit(
     seed: SeedOpt = 0,
     threshold: Annotated[float, typer.Option(help="SSIM at or below which inputs count as not recognizable")] = 0.3,
     reid_threshold: Annotated[float, typer.Option(help="re-identified share above which a pair is recognizable, whatever its SSIM")] = 0.05,
+    output: OutputOpt = None,
+    input_norm: InputNormOpt = None,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("splitaudit-out"),
     no_cache: NoCacheOpt = False,
     cache_dir: CacheDirOpt = None,
@@ -197,7 +203,8 @@ def audit(
     _run_and_render(
         AuditConfig(
             model=model, data=data, weights=str(weights) if weights else None, cuts=tuple(cut or ()), defenses=tuple(defense or ("none",)),
-            attacks=tuple(attack or ("decoder",)), threshold=threshold, reid_threshold=reid_threshold, aux_data=aux_data, aux_queries=aux_queries.value,
+            attacks=tuple(attack or ("decoder",)), threshold=threshold, reid_threshold=reid_threshold, output=output, input_norm=input_norm,
+            aux_data=aux_data, aux_queries=aux_queries.value,
             **_run_options(profile, device, seed, out, no_cache, cache_dir, executor, workers, ray_address),
         ),
         plan_profile,
@@ -211,6 +218,8 @@ def cuts(
     data: Annotated[Optional[str], typer.Option(help="data spec, for the input shape")] = None,
     input_shape: Annotated[Optional[str], typer.Option(help="C,H,W instead of --data")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    output: OutputOpt = None,
+    input_norm: InputNormOpt = None,
 ) -> None:
     """List the candidate cut points: shape, bytes per sample, head FLOPs and latency."""
     from splitaudit.report.console import cuts_table
@@ -222,7 +231,7 @@ def cuts(
             shape = tuple(int(v) for v in input_shape.split(","))
         except ValueError:
             raise UserError(f"--input-shape must be C,H,W integers, got {input_shape!r}") from None
-    rows = list_cuts(model, weights=str(weights) if weights else None, data=data, input_shape=shape)
+    rows = list_cuts(model, weights=str(weights) if weights else None, data=data, input_shape=shape, output=output, input_norm=input_norm)
     if as_json:
         print(json.dumps(rows, indent=2))
     else:

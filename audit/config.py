@@ -62,6 +62,8 @@ class AuditConfig:
     executor: str = "local"  # local | ray: where the attack jobs run
     workers: int = 0  # parallel attack jobs; 0 picks by device (CPU cores, capped at 4; 1 on CUDA)
     ray_address: str | None = None  # an existing Ray cluster; None starts a local runtime
+    output: str | None = None  # the tensor of the model's output that accuracy and agreement use (None: the first)
+    input_norm: str | None = None  # MEAN,STD applied between the data and the model (the attacker works in data space)
 
     def validate(self) -> None:
         from splitaudit.attacks.base import ATTACKS
@@ -78,6 +80,9 @@ class AuditConfig:
             require_ray()
         if not 0 < self.threshold <= 1:
             raise SpecError(f"threshold {self.threshold} is out of range; allowed: (0, 1]")
+        from splitaudit.outputs import parse_input_norm
+
+        parse_input_norm(self.input_norm)
         if not 0 < self.reid_threshold <= 1:
             raise SpecError(f"reid threshold {self.reid_threshold} is out of range; allowed: (0, 1]")
 

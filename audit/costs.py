@@ -213,7 +213,7 @@ class UtilityMeter:
         pending: dict[str, tuple[nn.Module, list]] = {}  # model hash -> (model, [(defense, key, same, transform)])
         for d, model_d, hash_d, fitted in todo:
             key = self.keys.utility(model_hash=hash_d, victim=s.model_hash, data_hash=s.data_hash, cut=cut, defense=d.spec,
-                                    seed=s.config.seed, profile=s.config.profile)
+                                    seed=s.config.seed, profile=s.config.profile, code=self.keys.code_of(type(d)))
             same = (hash_d, d.spec) if not d.transforms_activation and not d.per_cut_model else None
             hit = self.cache.get("utility", key)
             if hit is None and same in self._same:
@@ -311,7 +311,7 @@ class LatencyMeter:
                 lat1, _, lat64, _ = self.latency[(cut.name, "none")]
                 head = self.flops(cut.name)
                 infos.append(CutInfo(
-                    name=cut.name, shape=cut.shape, bytes_per_sample=bytes_per_sample(cut.shape), head_flops=head,
+                    name=cut.name, shape=cut.shape, bytes_per_sample=cut.sent_bytes or bytes_per_sample(cut.shape), head_flops=head,
                     head_latency_ms=round(lat1, 4), bytes_fp16=bytes_per_sample(cut.shape, "float16"),
                     bytes_int8=bytes_per_sample(cut.shape, "int8"), index=cut.index, module_type=cut.module_type,
                     aliases=cut.aliases, head_latency_ms_b64=round(lat64, 4),

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from splitaudit.errors import ModelError, SpecError
+from splitaudit.errors import ModelError, SpecError, UserError
+from splitaudit.outputs import flatten, nbytes_per_sample, pick, put, split_cut
 
 
 class _StopForward(BaseException):
@@ -35,6 +36,7 @@ class CutPoint:
     index: int  # position in execution order
     module_type: str
     aliases: tuple[str, ...] = ()  # modules whose output is this very tensor (a Sequential ending here)
+    sent_bytes: int | None = None  # float32 bytes per sample of everything the module returns, when it returns a nest
 
     @property
     def numel(self) -> int:
@@ -60,6 +62,10 @@ class Discovery:
         for c in self.cuts:
             if c.name == name or name in c.aliases:
                 return c
+        module, path = split_cut(name)
+        for c in self.cuts:  # a tensor of a module's nest other than its first: ``block:1``
+            if path is not None and split_cut(c.name)[0] == module:
+                return CutPoint(name, c.shape, c.index, c.module_type, sent_bytes=c.sent_bytes)
         valid = ", ".join(self.names())
         raise SpecError(f"unknown cut {name!r}; valid cuts: {valid}")
 
@@ -68,7 +74,7 @@ def run_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Call the model, turning an exception from the user's code into a one-line ModelError."""
     try:
         return model(x)
-    except _StopForward:
+    except (_StopForward, UserError):  # our own stop, or a bad --output: as they are
         raise
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -91,9 +97,12 @@ def discover_cuts(model: nn.Module, sample: torch.Tensor) -> Discovery:
             calls[name] = calls.get(name, 0) + 1
             if calls[name] == 1:
                 if isinstance(output, torch.Tensor) and output.is_floating_point():
-                    order.append((name, output, output._version, type(module).__name__))
+                    order.append((name, output, output._version, type(module).__name__, None))
+                elif (found := [t for _, t in flatten(output) if t.is_floating_point() and t.dim() >= 1]):
+                    # A nest (a tuple, a dict, a ModelOutput): a cut on its first float tensor; ``name:path`` picks another.
+                    order.append((name, found[0], found[0]._version, type(module).__name__, nbytes_per_sample(output)))
                 else:
-                    skipped.append((name, f"output is {type(output).__name__}, not a float tensor"))
+                    skipped.append((name, f"output is {type(output).__name__} and holds no float tensor"))
 
         return hook
 
@@ -108,7 +117,7 @@ def discover_cuts(model: nn.Module, sample: torch.Tensor) -> Discovery:
 
     cuts: list[CutPoint] = []
     seen: list[tuple[tuple, int]] = []
-    for name, out, version, mtype in order:
+    for name, out, version, mtype, sent in order:
         if calls[name] > 1:
             skipped.append((name, f"called {calls[name]} times in one forward pass, so its output is ambiguous"))
             continue
@@ -122,26 +131,41 @@ def discover_cuts(model: nn.Module, sample: torch.Tensor) -> Discovery:
         alias_of = next((i for i, (t, v) in enumerate(seen) if t == ident and v == version), None)
         if alias_of is not None:
             prev = cuts[alias_of]
-            cuts[alias_of] = CutPoint(prev.name, prev.shape, prev.index, prev.module_type, prev.aliases + (name,))
+            cuts[alias_of] = CutPoint(prev.name, prev.shape, prev.index, prev.module_type, prev.aliases + (name,), prev.sent_bytes)
             continue
         seen.append((ident, version))
-        cuts.append(CutPoint(name, tuple(out.shape[1:]), len(cuts), mtype))
+        cuts.append(CutPoint(name, tuple(out.shape[1:]), len(cuts), mtype, sent_bytes=sent))
     # The input itself is not a candidate here; the planner adds "all on the server" separately.
     return Discovery(tuple(cuts), tuple(skipped))
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
+    module = split_cut(name)[0]
     try:
-        return model.get_submodule(name)
+        return model.get_submodule(module)
     except AttributeError:
-        raise SpecError(f"model has no module {name!r}") from None
+        raise SpecError(f"model has no module {module!r}") from None
+
+
+def _at(cut: str, output) -> torch.Tensor:
+    """The activation at ``cut`` in its module's ``output`` (the output, or a tensor of its nest)."""
+    if isinstance(output, torch.Tensor) and split_cut(cut)[1] is None:
+        return output
+    return pick(output, split_cut(cut)[1], what=f"output of {split_cut(cut)[0]!r}")
+
+
+def _with(cut: str, output, value: torch.Tensor):
+    """``output`` with the activation at ``cut`` replaced by ``value``."""
+    if isinstance(output, torch.Tensor) and split_cut(cut)[1] is None:
+        return value
+    return put(output, split_cut(cut)[1], value)
 
 
 def head_forward(model: nn.Module, cut: str, x: torch.Tensor) -> torch.Tensor:
     """Run only the head: the forward pass stops at the cut module's output."""
 
     def hook(module, inputs, output):
-        raise _StopForward(output)
+        raise _StopForward(_at(cut, output))
 
     handle = _module(model, cut).register_forward_hook(hook)
     try:
@@ -171,7 +195,7 @@ def capture_many(model: nn.Module, cuts: list[str], x: torch.Tensor, *, batch_si
     def make_hook(cut):
         def hook(module, inputs, output):
             if cut in left:
-                outs[cut].append(output.detach().clone())
+                outs[cut].append(_at(cut, output).detach().clone())
                 left.discard(cut)
                 if not left:
                     raise _StopForward(output)
@@ -200,7 +224,7 @@ def forward_with(model: nn.Module, cut: str, x: torch.Tensor, transform: Callabl
     """
 
     def hook(module, inputs, output):
-        return transform(output)
+        return _with(cut, output, transform(_at(cut, output)))
 
     handle = _module(model, cut).register_forward_hook(hook)
     try:
@@ -234,7 +258,8 @@ def _stacked(model: nn.Module, cut: str, x: torch.Tensor, transforms) -> list[to
     def hook(module, inputs, output):
         # Each transform gets an activation of its own, as in one pass per transform: one that works
         # in place must not change what the next one sees.
-        return torch.cat([t(output if i == k - 1 else output.clone()) for i, t in enumerate(transforms)])
+        z = _at(cut, output)
+        return _with(cut, output, torch.cat([t(z if i == k - 1 else z.clone()) for i, t in enumerate(transforms)]))
 
     handle = _module(model, cut).register_forward_hook(hook)
     try:

@@ -152,6 +152,8 @@ class GateConfig:
     out: str | None = None
     baseline: str | None = None
     reid_threshold: float = 0.05
+    output: str | None = None
+    input_norm: str | None = None
     thresholds: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
     rules: tuple[Rule, ...] = ()
     path: str | None = None  # the file it came from
@@ -174,6 +176,7 @@ class GateConfig:
             model=self.model, data=self.data, weights=self.weights, cuts=self.cuts, defenses=self.defenses or ("none",),
             attacks=self.attacks or ("decoder",), profile=self.profile, device=self.device, seed=self.seed, out=out,
             threshold=self.thresholds.get("max_ssim", DEFAULT_LIMITS["max_ssim"]), reid_threshold=self.reid_threshold,
+            output=self.output, input_norm=self.input_norm,
             cache_dir=cache_dir or self.cache_dir,
             use_cache=use_cache, command=command, aux_data=self.aux_data, aux_queries=self.aux_queries,
             executor=self.executor, workers=self.workers, ray_address=self.ray_address,
@@ -181,6 +184,7 @@ class GateConfig:
 
 
 TOP_KEYS = ("model", "weights", "data", "cuts", "defenses", "attacks", "profile", "seed", "device", "aux_data", "aux_queries", "reid_threshold",
+            "output", "input_norm",
             "executor", "workers", "ray_address", "cache_dir", "out", "baseline", "thresholds")
 LIMIT_KEYS = tuple(m.key for m in METRICS)
 THRESHOLD_KEYS = LIMIT_KEYS + ("rule",)
@@ -253,6 +257,13 @@ def parse_gate_config(table: dict[str, Any], *, root: Path, where: str = CONFIG_
         raise UserError(f"{where} must be a table")
     _unknown(table, TOP_KEYS, where)
     kw: dict[str, Any] = {}
+    for key in ("output", "input_norm"):
+        if key in table:
+            kw[key] = _expect(table[key], str, key, where, "a string").strip() or None
+    if kw.get("input_norm"):
+        from splitaudit.outputs import parse_input_norm
+
+        parse_input_norm(kw["input_norm"])
     for key in ("model", "data", "weights", "aux_data", "cache_dir", "out", "baseline"):
         if key in table:
             v = _expect(table[key], str, key, where, "a string")

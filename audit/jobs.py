@@ -79,6 +79,7 @@ class JobInputs:
     judge: nn.Module | None = None  # the independent classifier that labels reconstructions (None: no labels)
     judge_features: torch.Tensor | None = None  # its features of the evaluation originals
     y_eval: torch.Tensor | None = None  # the evaluation labels, for the attack accuracy
+    prior_scores: torch.Tensor | None = None  # the no-information guess's headline score per evaluation sample (None: computed here)
 
 
 @dataclass
@@ -206,7 +207,9 @@ def run_job(spec: JobSpec, inputs: JobInputs, *, on_epoch: Callable[[int, int, f
         }
         if inputs.candidate_state is not None and attack.holds_out and attack.holdout is not None:
             attack = _select(attack, inputs.candidate_state, spec, z_train, x_aux, report, inputs.candidate_converged, modality)
-    prior = modality.score(modality.prior(x_aux).expand_as(x_eval), x_eval)[modality.headline] if spec.score else None
+    prior = inputs.prior_scores
+    if prior is None and spec.score:
+        prior = modality.score(modality.prior(x_aux).expand_as(x_eval), x_eval)[modality.headline]
     scores = {d: _score(attack, defended(fitted(d), inputs.acts[d], seed=spec.seed, cut=spec.cut, which="eval"), inputs, modality, prior)
               for d in spec.score}
     state = attack.state() if attack.warm_start else None

@@ -159,12 +159,15 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
 
 def builtin_cache_key(name: str, data_hash: str, in_channels: int, num_classes: int) -> str:
-    from splitaudit import __version__
+    """The cache key of a trained builtin victim (built in :mod:`splitaudit.cache_keys`)."""
+    from splitaudit import cache_keys
 
     b = BUILTIN_MODELS[name]
-    src = inspect.getsource(LeNet if name == "lenet" else CifarNet)
-    payload = f"{name}|{data_hash}|{in_channels}|{num_classes}|{b.epochs}|{b.lr}|{b.batch_size}|{__version__}|{src}"
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+    with torch.device("meta"):  # its class, without drawing an initialization
+        model = b.build(in_channels, num_classes)
+    return cache_keys.builtin_victim(name=name, data_hash=data_hash, in_channels=in_channels, num_classes=num_classes,
+                                     recipe=(b.epochs, b.lr, b.batch_size), source=inspect.getsource(type(model)),
+                                     trainer=cache_keys.code_of(train_builtin))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,7 +215,7 @@ def check_model_accepts(model: nn.Module, x: torch.Tensor) -> None:
 
     with torch.no_grad():
         model.eval()
-        out = run_model(model, x)
+        out = run_model(model, x)  # an adapted model's forward picks its output tensor (or says there is none)
     if not isinstance(out, torch.Tensor):
         raise ModelError(f"the model returned {type(out).__name__}, not a tensor")
 
@@ -228,14 +231,19 @@ def build_model(spec: str, *, in_channels: int, num_classes: int) -> nn.Module:
         return BUILTIN_MODELS[parsed.target].build(in_channels, num_classes)
 
 
-def load_model(spec: str, *, weights: str | None, splits, num_classes: int, device: torch.device, cache, reporter) -> tuple[nn.Module, dict]:
+def load_model(spec: str, *, weights: str | None, splits, num_classes: int, device: torch.device, cache, reporter,
+               output: str | None = None, input_norm=None) -> tuple[nn.Module, dict]:
     """The model to audit and what the report says of it: a user's model (with ``weights``), or a
-    builtin victim with ``weights``, from the cache, or trained on the victim split on first use."""
+    builtin victim with ``weights``, from the cache, or trained on the victim split on first use;
+    adapted (:func:`splitaudit.outputs.adapt_model`) to ``output`` and ``input_norm``."""
     from splitaudit.data import data_hash
+    from splitaudit.outputs import adapt_model
 
     parsed = parse_model_spec(spec)
-    info: dict = {"spec": spec}
-    model = build_model(spec, in_channels=splits.eval.shape[0], num_classes=num_classes)
+    info: dict = {"spec": spec, "output": output or "the first tensor", "input_norm": None if input_norm is None else
+                  {"mean": list(input_norm[0]), "std": list(input_norm[1])}}
+    model = adapt_model(build_model(spec, in_channels=splits.eval.shape[0], num_classes=num_classes), output=output,
+                        input_norm=input_norm, channels=splits.eval.shape[0])
     if weights:
         load_weights(model, weights)
         info["weights"] = str(weights)
@@ -249,13 +257,41 @@ def load_model(spec: str, *, weights: str | None, splits, num_classes: int, devi
             import time
 
             t0 = time.perf_counter()
-            model = train_builtin(parsed.target, splits.victim, device=device, reporter=reporter)
+            model = adapt_model(train_builtin(parsed.target, splits.victim, device=device, reporter=reporter), output=output,
+                                input_norm=input_norm, channels=splits.eval.shape[0])
             info["trained"] = f"on first use, {time.perf_counter() - t0:.1f} s"
             cache.put("models", key, {k: v.cpu() for k, v in model.state_dict().items()})
         info["trained_on"] = f"{splits.victim.spec} victim split ({splits.victim.n} images)"
     model = model.to(device).eval()
     check_model_accepts(model, splits.eval.x[:2].to(device))
+    from splitaudit import cache_keys
+
     info["class"] = type(model).__name__
     info["parameters"] = sum(p.numel() for p in model.parameters())
-    info["hash"] = state_hash(model)
+    info["weights_hash"] = state_hash(model)
+    info["code_hash"] = code_hash(model, spec)
+    info["hash"] = cache_keys.model_hash(info["weights_hash"], info["code_hash"])
     return model, info
+
+
+def code_hash(model: nn.Module, spec: str) -> str:
+    """A hash of a model's code: the source of the file or module that defines it, and of the class of
+    every module in it (so an edited ``forward`` anywhere, or a swapped submodule class, is a new model)."""
+    h = hashlib.sha256()
+    parsed = parse_model_spec(spec)
+    if parsed.kind == "file":
+        h.update(Path(parsed.target).read_bytes())
+    elif parsed.kind == "module":
+        mod = sys.modules.get(parsed.target) or importlib.import_module(parsed.target)
+        try:
+            h.update(inspect.getsource(mod).encode())
+        except (OSError, TypeError):
+            h.update(parsed.target.encode())
+    for cls in sorted({type(m) for m in model.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        h.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+        if not cls.__module__.startswith("torch."):  # torch's own layers are fixed by the torch version
+            try:
+                h.update(inspect.getsource(cls).encode())
+            except (OSError, TypeError):
+                pass
+    return h.hexdigest()[:32]

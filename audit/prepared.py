@@ -74,7 +74,7 @@ class PreparedModels:
             x_eval=s.x_eval, y_eval=s.y_eval, profile=s.config.profile, generator=job_generator(seed, defense.spec, cut, "prepare"),
         )
         key = keys.prepared_model(victim=s.model_hash, data_hash=s.data_hash, defense=defense.spec, cut=cut,
-                                  profile=s.config.profile, seed=seed)
+                                  profile=s.config.profile, seed=seed, code=keys.code_of(type(defense)))
         hit = self.cache.get("models", key)
         if hit is not None:
             change = defense.prepare_model(copy.deepcopy(model), cut=cut, ctx=ctx, state=hit["state"])
@@ -98,7 +98,7 @@ class PreparedModels:
             info = change.info
             self.cache.put("models", key, {"state": {k: v.cpu() for k, v in change.model.state_dict().items()}, "info": info})
         model_d = change.model.to(s.device).eval()
-        return model_d, state_hash(model_d), info
+        return model_d, keys.model_hash(state_hash(model_d), s.model_info["code_hash"] + keys.code_of(type(defense))), info
 
     def get(self, defense: Defense, cut: str) -> tuple[nn.Module, str, dict]:
         """The model ``defense`` runs at ``cut``, its hash and what the change did (waits for the fine-tuning)."""

@@ -56,7 +56,8 @@ class RowBuilder:
                 common = dict(
                     cut=cut, defense=spec, n_eval=s.n_eval, accuracy=_r(util.get("accuracy")), agreement=_r(util.get("agreement")),
                     **self.latency.row_fields(cut, spec), epsilon=dinfo.get("epsilon"), delta=dinfo.get("delta"),
-                    bytes_per_sample=defense.wire_bytes(info.shape),
+                    # what the defense sends of the cut's tensor, plus the rest of a module's nest, which travels as it is
+                    bytes_per_sample=defense.wire_bytes(info.shape) + max(0, (info.sent_bytes or 0) - 4 * info.numel),
                     defense_info={**dinfo, **(fitted.info() if fitted is not None else {})},
                     **{f"baseline_{m.name}": round(float(s.baseline[m.name].mean()), m.precision) for m in s.modality.metrics},
                 )

@@ -171,7 +171,7 @@ def _result(s: Scenario, cut_infos, rows, grids, notes_extra, cache, timings, ex
 
 
 def list_cuts(model: str, *, weights: str | None = None, data: str | None = None, input_shape: tuple[int, ...] | None = None,
-              device: str = "cpu") -> list[dict[str, Any]]:
+              device: str = "cpu", output: str | None = None, input_norm: str | None = None) -> list[dict[str, Any]]:
     """One dict per candidate cut: name, shape, bytes (f32/fp16/int8), FLOPs and median latency of head and tail.
 
     Needs no training: a builtin model is measured with its untrained architecture (shapes, bytes,
@@ -182,6 +182,7 @@ def list_cuts(model: str, *, weights: str | None = None, data: str | None = None
     from splitaudit.cuts import discover_cuts
     from splitaudit.errors import SpecError, UserError
     from splitaudit.models import build_model, check_model_accepts, load_weights
+    from splitaudit.outputs import adapt_model, parse_input_norm
 
     if (data is None) == (input_shape is None):
         raise UserError("give exactly one of --data or --input-shape")
@@ -195,7 +196,7 @@ def list_cuts(model: str, *, weights: str | None = None, data: str | None = None
     net = build_model(model, in_channels=sample.shape[1], num_classes=10)
     if weights:
         load_weights(net, weights)
-    net = net.to(dev).eval()
+    net = adapt_model(net, output=output, input_norm=parse_input_norm(input_norm), channels=sample.shape[1]).to(dev).eval()
     sample = sample.to(dev)
     check_model_accepts(net, sample)
     disc = discover_cuts(net, sample)
@@ -205,7 +206,7 @@ def list_cuts(model: str, *, weights: str | None = None, data: str | None = None
         head = head_flops(net, c.name, sample[:1])
         rows.append({
             "index": c.index, "name": c.name, "module_type": c.module_type, "aliases": list(c.aliases), "shape": list(c.shape),
-            "bytes_per_sample": bytes_per_sample(c.shape), "bytes_fp16": bytes_per_sample(c.shape, "float16"),
+            "bytes_per_sample": c.sent_bytes or bytes_per_sample(c.shape), "bytes_fp16": bytes_per_sample(c.shape, "float16"),
             "bytes_int8": bytes_per_sample(c.shape, "int8"), "head_flops": head,
             "head_latency_ms": round(head_latency_ms(net, c.name, sample[:1]), 4),
             "tail_flops": max(0, full - head), "tail_latency_ms": round(tail_latency_ms(net, c.name, sample[:1]), 4),

@@ -8,7 +8,7 @@ resamples every interval shares, and the modality that scores reconstructions. T
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from splitaudit.defenses.base import Defense, make_defense
 from splitaudit.errors import DataError, ModelError, SpecError, UserError
 from splitaudit.metrics import Resamples
 from splitaudit.models import load_model
+from splitaudit.outputs import parse_input_norm
 from splitaudit.progress import Reporter
 from splitaudit.seeding import job_generator
 
@@ -119,6 +120,23 @@ def _attacker_data(config: AuditConfig, modality: Modality, dataset: Dataset, sp
     return aux.x, what, key
 
 
+def _cuts_as_asked(discovery: Discovery, asked: tuple[str, ...]) -> tuple[CutPoint, ...]:
+    """The cuts to audit under the names the user wrote (``stem``, not the ``stem.2`` that discovery
+    found first for the same tensor); the other names stay in ``aliases``. A cut named twice, or by two
+    of its names, is audited once, under the first."""
+    if not asked:
+        return discovery.cuts
+    out: dict[str, CutPoint] = {}
+    for name in asked:
+        c = discovery.get(name)
+        if c.name in out or any(name == o.name or name in o.aliases for o in out.values()):
+            continue
+        if c.name != name:
+            c = replace(c, name=name, aliases=tuple(n for n in (c.name, *c.aliases) if n != name))
+        out[discovery.get(name).name] = c
+    return tuple(out.values())
+
+
 def _predict(model: nn.Module, x: torch.Tensor, notes: list[str]) -> torch.Tensor | None:
     try:
         return predict(model, x)
@@ -170,15 +188,15 @@ def build_scenario(config: AuditConfig, *, cache: Cache, reporter: Reporter, pha
     with phase("model"):
         num_classes = int(dataset.y.max()) + 1 if dataset.y is not None else 10
         model, model_info = load_model(config.model, weights=config.weights, splits=splits, num_classes=num_classes, device=device,
-                                       cache=cache, reporter=reporter)
+                                       cache=cache, reporter=reporter, output=config.output,
+                                       input_norm=parse_input_norm(config.input_norm))
     x_aux, attacker, aux_key = _attacker_data(config, modality, dataset, splits)
     x_aux, x_eval = x_aux.to(device), splits.eval.x.to(device)
     y_eval = splits.eval.y.to(device) if splits.eval.y is not None else None
     discovery = discover_cuts(model, x_eval[:2])
     if not discovery.cuts:
         raise ModelError("the model has no candidate cut: no submodule returns a tensor")
-    picked = [discovery.get(c) for c in config.cuts] if config.cuts else list(discovery.cuts)
-    cuts = tuple({c.name: c for c in picked}.values())  # a cut named twice (or by an alias) is audited once
+    cuts = _cuts_as_asked(discovery, config.cuts)
     clean_pred = _predict(model, x_eval, notes)
     resamples = Resamples(x_eval.shape[0], generator=job_generator(config.seed, "bootstrap"))
     prior = modality.prior(x_aux).expand_as(x_eval)

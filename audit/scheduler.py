@@ -17,6 +17,7 @@ from typing import Any
 from splitaudit import cache_keys as keys
 from splitaudit.activations import ActivationStore
 from splitaudit.attacks.base import ATTACKS
+from splitaudit.attacks.training import train
 from splitaudit.costs import UtilityMeter
 from splitaudit.defenses.base import Defense, Fitted
 from splitaudit.errors import UserError
@@ -72,7 +73,7 @@ class Scheduler:
         return keys.attack_job(cut=spec.cut, attack=spec.attack, defense=spec.defense, kind=spec.kind, profile=spec.profile,
                                seed=spec.seed, epochs=spec.epochs, has_candidate=has_candidate,
                                trained_model=self._model(spec.defense, spec.cut)[1], victim=s.model_hash, data_hash=s.data_hash,
-                               aux_key=s.aux_key)
+                               aux_key=s.aux_key, code=keys.code_of(ATTACKS[spec.attack], type(s.modality), train, type(s.defense(spec.defense))))
 
     # -- running --
     def run(self) -> None:
@@ -95,7 +96,8 @@ class Scheduler:
         self._inputs[cut] = {"x_aux": self.ex.put("x_aux", s.x_aux), "x_eval": self.ex.put("x_eval", s.x_eval), "acts": {},
                              "judge": None if self.judge is None else self.ex.put(("judge",), self.judge.model),
                              "judge_features": None if self.judge is None else self.ex.put("judge_features", self.judge.eval_features),
-                             "y_eval": None if s.y_eval is None else self.ex.put("y_eval", s.y_eval)}
+                             "y_eval": None if s.y_eval is None else self.ex.put("y_eval", s.y_eval),
+                             "prior": self.ex.put("prior_scores", s.baseline[s.modality.headline])}
         # The activations of changed models are added when a job first needs them (after the base fit,
         # by when their fine-tuning has usually finished).
         early = [d for d in s.defenses if not d.changes_model]
@@ -157,7 +159,7 @@ class Scheduler:
             base_state=None if base_state is None else self.ex.put(("base", spec.cut, spec.attack), base_state),
             candidate_state=None if candidate is None else self.ex.put(("clean", spec.cut, spec.attack), candidate.state),
             candidate_converged=True if candidate is None else bool(candidate.report.get("converged", True)), cached=hit,
-            judge=inp["judge"], judge_features=inp["judge_features"], y_eval=inp["y_eval"],
+            judge=inp["judge"], judge_features=inp["judge_features"], y_eval=inp["y_eval"], prior_scores=inp["prior"],
         )
         self._tasks[spec.id] = self.reporter.open(spec.label + (" (cached)" if hit else ""))
         self._handles[self.ex.submit(spec, inputs)] = spec
