@@ -74,13 +74,17 @@ class RichReporter(Reporter):
         )
 
     def __enter__(self):
-        self.progress.start()
+        self._started = False  # the display starts with the first task: an error before any prints nothing else
         return self
 
     def __exit__(self, *exc):
-        self.progress.stop()
+        if self._started:
+            self.progress.stop()
 
     def open(self, description: str, total: float | None = None, *, keep: bool = False) -> Task:
+        if not getattr(self, "_started", True):
+            self.progress.start()
+            self._started = True
         tid = self.progress.add_task(description, total=total)
         progress = self.progress
 
