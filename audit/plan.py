@@ -246,6 +246,7 @@ class Candidate:
     agreement: float | None
     utility_loss: float  # accuracy drop (fraction), or predictions changed when unlabelled
     notes: tuple[str, ...] = ()
+    status: str | None = None  # the pair's assessment (None for the all-on-device and all-on-server placements)
 
     @property
     def latency_ms(self) -> float:
@@ -393,7 +394,7 @@ def candidates(result: AuditResult, profile: PlanProfile) -> tuple[list[Candidat
             ssim=ssim, ssim_ci=None if head is None else tuple(head.ssim_ci), leakage=ssim if verified else 1.0, verified=verified,
             bytes_sent=int(sent), device_ms=device_time(lat, c.head_flops, urow.latency_overhead_ms or 0.0),
             server_ms=server_time(c.tail_latency_ms, c.tail_flops), accuracy=urow.accuracy, agreement=urow.agreement,
-            utility_loss=loss(urow), notes=tuple(dict.fromkeys(cnotes)))
+            utility_loss=loss(urow), notes=tuple(dict.fromkeys(cnotes)), status=verdict.status)
 
     shape = result.data.get("shape")
     if have_full and isinstance(shape, (list, tuple)) and shape and all(isinstance(s, int) and s > 0 for s in shape):

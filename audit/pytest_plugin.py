@@ -66,7 +66,7 @@ def splitaudit_audit(request, tmp_path):
     """A callable that audits a model and returns the :class:`AuditResult`.
 
     ``audit(model=..., data=..., cuts=..., defenses=..., attacks=..., profile="quick", weights=None, seed=0,
-    device="cpu")``. Each call writes results.json, report.html and the reconstruction images into a
+    device="cpu", threshold=0.3, reid_threshold=0.05, output=None, input_norm=None)``. Each call writes results.json, report.html and the reconstruction images into a
     temporary folder; rows' ``images`` are absolute paths there.
     """
     from splitaudit.config import AuditConfig
@@ -77,13 +77,13 @@ def splitaudit_audit(request, tmp_path):
     calls = {"n": 0}
 
     def audit(*, model, data, cuts=(), defenses=("none",), attacks=("decoder",), profile="quick", weights=None, seed=0,
-              device="cpu", threshold=0.3, reid_threshold=0.05):
+              device="cpu", threshold=0.3, reid_threshold=0.05, output=None, input_norm=None):
         calls["n"] += 1
         out = tmp_path / f"splitaudit-{calls['n']}"
         cfg = AuditConfig(
             model=_model_spec(model), data=str(data), weights=str(weights) if weights else None, cuts=tuple(cuts),
             defenses=tuple(defenses), attacks=tuple(attacks), profile=profile, device=device, seed=seed, out=str(out),
-            threshold=threshold, reid_threshold=reid_threshold, cache_dir=opts.getoption("splitaudit_cache_dir"), use_cache=not opts.getoption("splitaudit_no_cache"),
+            threshold=threshold, reid_threshold=reid_threshold, output=output, input_norm=input_norm, cache_dir=opts.getoption("splitaudit_cache_dir"), use_cache=not opts.getoption("splitaudit_no_cache"),
             command=f"pytest {request.node.nodeid}",
         )
         result = run_audit(cfg)
