@@ -292,7 +292,9 @@ class LatencyMeter:
             gen = job_generator(s.config.seed, cut, d.spec, "latency")
             rows.append((d.spec, model_d, lambda z, _f=fitted, _g=gen: _f(z, generator=_g)))
         by = defense_latencies(s.model, cut, s.x_eval[:1], s.x_eval[:64], rows, repeats=s.settings["latency_repeats"])
-        self.latency.update({(cut, spec): v for spec, v in by.items() if spec == "none" or any(spec == r[0] for r in rows)})
+        # The head alone is kept from its first timing (the one its CutInfo reports); each defense's overhead is
+        # against the head-alone series timed beside it.
+        self.latency.update({(cut, spec): v for spec, v in by.items() if spec != "none" or (cut, "none") not in self.latency})
 
     def cut_infos(self) -> list:
         """A :class:`CutInfo` per cut (bytes, FLOPs and latency of head and tail), timing the victim's head

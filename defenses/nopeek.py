@@ -24,6 +24,7 @@ from torch import nn
 from splitaudit.attacks.training import TrainConfig, train
 from splitaudit.cuts import capture
 from splitaudit.errors import ModelError, SpecError, UserError
+from splitaudit.outputs import pick, split_cut
 from splitaudit.specs import param
 from splitaudit.defenses.base import Defense, ModelChange, PrepareContext, register_defense
 from splitaudit.defenses.dpsgd import cpu_generator, eval_accuracy
@@ -91,12 +92,13 @@ class NoPeekDefense(Defense):
                 "defense nopeek fine-tunes the model with its task loss on the victim's training split, but the data has no labels (y)"
             )
 
+        module, path = split_cut(cut)  # ``block:0``: a tensor of a module's nest
         try:
-            cut_module = tuned.get_submodule(cut)
+            cut_module = tuned.get_submodule(module)
         except AttributeError:
-            raise SpecError(f"defense nopeek: model has no module {cut!r}") from None
+            raise SpecError(f"defense nopeek: model has no module {module!r}") from None
         seen: list[torch.Tensor] = []  # the cut's activation of the current forward pass, with its graph
-        handle = cut_module.register_forward_hook(lambda mod, inp, out: seen.append(out))
+        handle = cut_module.register_forward_hook(lambda mod, inp, out: seen.append(pick(out, path)))
 
         def loss_fn(net: nn.Module, batch) -> torch.Tensor:
             x, y = batch

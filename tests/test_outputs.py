@@ -155,3 +155,22 @@ def test_input_norm_keeps_reconstructions_in_the_datas_space(tmp_path):
     (row,) = r.results
     assert row.status == "ok" and 0 <= row.ssim <= 1 and row.accuracy is not None
     assert r.model["input_norm"] == {"mean": [0.3], "std": [0.2]}
+
+
+def test_an_edited_attack_gets_new_cache_keys(tmp_path, monkeypatch):
+    """Attack, defense and training code is keyed by its source: no version string to bump by hand."""
+    import importlib
+    import sys
+
+    from splitaudit import cache_keys
+
+    mod = tmp_path / "my_attack.py"
+    mod.write_text("class MyAttack:\n    def fit(self):\n        return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = importlib.import_module("my_attack")
+    before = cache_keys.code_of(m.MyAttack)
+    mod.write_text("class MyAttack:\n    def fit(self):\n        return 2  # edited\n")
+    cache_keys._module_source_hash.cache_clear()
+    importlib.reload(sys.modules["my_attack"])
+    assert cache_keys.code_of(sys.modules["my_attack"].MyAttack) != before
+    assert cache_keys.code_of(m.MyAttack) == cache_keys.code_of(m.MyAttack)  # stable for the same source
