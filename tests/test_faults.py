@@ -169,6 +169,40 @@ def test_two_audits_sharing_one_cache_directory_at_once_agree_and_leave_whole_en
     assert not list(cache.rglob("*.tmp")) and not list(tmp_path.rglob("out*/**/*.tmp"))
 
 
+def test_a_second_writer_of_a_key_cannot_land_between_an_entry_and_its_digest(tmp_path, monkeypatch):
+    """The race behind the test above, made certain: writer A is held between its entry and its digest
+    while writer B puts the same key. Without the lock B's pair lands in that gap and A's digest then
+    sits beside B's bytes (seen in 2 of 30 lock-step pairs of processes); with it, B waits its turn."""
+    import threading
+
+    import splitaudit.cache as cache_mod
+    from splitaudit.cache import Cache
+
+    real, in_gap, b_done = cache_mod.atomic_write_bytes, threading.Event(), threading.Event()
+
+    def slow_for_a(path, data):
+        real(path, data)
+        if threading.current_thread().name == "A" and path.suffix == ".pt":
+            in_gap.set()
+            b_done.wait(0.5)  # B finishes now if nothing holds it back
+
+    monkeypatch.setattr(cache_mod, "atomic_write_bytes", slow_for_a)
+
+    def put(i):
+        Cache(tmp_path).put("attacks", "k", {"w": torch.full((1000,), float(i))})
+
+    a = threading.Thread(target=put, args=(0,), name="A")
+    a.start()
+    assert in_gap.wait(10)
+    b = threading.Thread(target=lambda: (put(1), b_done.set()), name="B")
+    b.start()
+    a.join(10)
+    b.join(10)
+    assert _whole(tmp_path / "attacks" / "k.pt")
+    value = Cache(tmp_path).get("attacks", "k")
+    assert value is not None and float(value["w"][0]) == 1.0  # B's value, written after A's whole pair
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. a Ray worker process killed mid-job
 # ------------------------------------------------------------------------------------------------
