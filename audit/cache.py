@@ -3,7 +3,9 @@
 Keys are hashes of what determines the value (weights, data, config, package version), never file
 names or modification times. Each entry is written atomically beside a sha256 of its bytes; an entry
 whose bytes do not match (a partial write, a flipped bit) is treated as missing and recomputed.
-Concurrent writers each rename a complete file into place, so readers see one whole entry or none.
+Concurrent writers each rename a complete file into place, so readers see one whole entry or none; writers
+of one key (threads or processes) take turns on an advisory lock beside the entry, so the entry and its
+digest left at the end are one writer's pair, never one writer's bytes beside another's digest.
 """
 
 from __future__ import annotations
@@ -12,12 +14,18 @@ import hashlib
 import io
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from splitaudit.results import atomic_write_bytes
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock (a torn pair there is a miss that a rerun rewrites)
+    fcntl = None
 
 
 def default_cache_dir() -> Path:
@@ -93,7 +101,24 @@ class Cache:
         data = buf.getvalue()
         path = self._path(kind, key)
         try:
-            atomic_write_bytes(path, data)
-            atomic_write_bytes(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
+            with _locked(path):
+                atomic_write_bytes(path, data)
+                atomic_write_bytes(path.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
         except OSError:
             pass  # a read-only or full cache must not fail the audit
+
+
+@contextmanager
+def _locked(path: Path):
+    """Hold an exclusive advisory lock on ``path``'s ``.lock`` file (created, never removed: removing it
+    would let two writers lock two different files)."""
+    if fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "ab") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
