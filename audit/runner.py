@@ -68,13 +68,14 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
     flops = cached_flops(s, cache)
     latency, utility = LatencyMeter(s, flops, timings.phase), UtilityMeter(s, cache)
     cut_infos = latency.cut_infos()  # before anything else runs: latency needs a quiet machine
+    # The judge trains before the fine-tuning thread starts: beside it, both ran three times slower.
+    judge = train_judge(s, cache, reporter, timings.phase)  # labels reconstructions: the attack accuracy
     prepared = PreparedModels(s, cache, reporter, timings.phase)
     prepared.start()  # DP-SGD and NoPeek fine-tune on a thread of their own from here on
     warming = _warm_report(config) if config.out else None
     executor = make_executor(config.executor, workers=config.workers, device=s.device, ray_address=config.ray_address)
     interrupted = False
     try:
-        judge = train_judge(s, cache, reporter, timings.phase)  # labels reconstructions: the attack accuracy
         with executor:
             store = ActivationStore(s, cache, flops)
             sched = Scheduler(s, executor, prepared, store, utility, cache, reporter, timings.phase, judge=judge)
