@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
+from splitaudit._torch_compat import adam
+
 LossFn = Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor]
 Wrap = Callable[[nn.Module, torch.optim.Optimizer, DataLoader], tuple[nn.Module, torch.optim.Optimizer, DataLoader]]
 
@@ -101,11 +103,12 @@ def train(
     # Adam's fused kernel updates every parameter in one pass (10-15% of a small decoder's step on a
     # CPU). Not under a wrapper: Opacus's optimizer drives a torch.optim one step by step.
     fused = wrap is None and bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    opt: torch.optim.Optimizer
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    elif fused:
+        opt = adam(params, lr=config.lr, weight_decay=config.weight_decay)  # the fused kernel, stepped directly on the CPU
     else:
-        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, **({"fused": True} if fused else {}))
+        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     run_model = model
     loader: Iterable[Sequence[torch.Tensor]]
     if wrap is not None:

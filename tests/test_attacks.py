@@ -108,13 +108,19 @@ def test_training_is_reproducible_with_the_same_generator():
     assert not torch.equal(run(1), run(2))
 
 
-def test_training_steps_fused_adam_as_torch_adam_does():
-    # The loop's Adam is torch's fused kernel (checked by a step hook); its updates are those of
-    # torch.optim.Adam's default implementation on the same batches, to float rounding.
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
+@pytest.mark.parametrize("kernel", [True, False], ids=["fused kernel stepped directly", "fallback: torch.optim"])
+def test_training_steps_adam_as_torch_adam_does(kernel, monkeypatch):
+    """The loop's Adam (the fused kernel stepped directly, or, without that torch internal, torch.optim's
+    own) updates as torch.optim.Adam's default implementation does on the same batches, to float rounding."""
+    from splitaudit import _torch_compat
     from splitaudit.attacks.training import _Shuffled
 
+    if not kernel:
+        monkeypatch.delattr(torch, "_fused_adam_")
+    assert _torch_compat.has_fused_adam() == kernel
+    made = []
+    real = _torch_compat.adam
+    monkeypatch.setattr("splitaudit.attacks.training.adam", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     torch.manual_seed(0)
     # No bias right before the BatchNorm: its gradient is rounding noise, which Adam scales up.
     ours = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
@@ -126,26 +132,38 @@ def test_training_steps_fused_adam_as_torch_adam_does():
         return F.mse_loss(m(b[0]), b[1])
 
     cfg = TrainConfig(epochs=3, lr=3e-3, batch_size=8, weight_decay=1e-4, patience=None, keep_best=False)
-    seen = []
-    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: seen.append(opt))
-    try:
-        train(ours, loss, data, config=cfg, generator=torch.Generator().manual_seed(2))
-    finally:
-        handle.remove()
-    assert len(seen) == 3 * 5 and all(isinstance(o, torch.optim.Adam) and o.defaults["fused"] for o in seen)
+    train(ours, loss, data, config=cfg, generator=torch.Generator().manual_seed(2))
+    (opt,) = made
+    assert isinstance(opt, _torch_compat.FusedAdam) if kernel else (isinstance(opt, torch.optim.Adam) and not opt.defaults["fused"])
 
-    opt = torch.optim.Adam(ref.parameters(), lr=3e-3, weight_decay=1e-4)  # foreach, not fused
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=3e-3, weight_decay=1e-4)  # foreach, not fused
     batches = _Shuffled(data, 8, torch.Generator().manual_seed(2))
     for _ in range(3):
         ref.train()
         for b in batches:
-            opt.zero_grad(set_to_none=True)
+            ref_opt.zero_grad(set_to_none=True)
             loss(ref, b).backward()
-            opt.step()
+            ref_opt.step()
     for (name, a), b, s0 in zip(ours.state_dict().items(), ref.state_dict().values(), start.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
         if a.is_floating_point():
             assert not torch.equal(a, s0), name  # every weight and running statistic moved
+
+
+def test_the_fused_kernel_stepped_directly_is_bitwise_torchs_fused_adam():
+    from splitaudit._torch_compat import FusedAdam
+
+    torch.manual_seed(0)
+    a = nn.Linear(5, 3)
+    b = copy.deepcopy(a)
+    ours, theirs = FusedAdam(list(a.parameters()), lr=1e-2, weight_decay=1e-3), torch.optim.Adam(b.parameters(), lr=1e-2, weight_decay=1e-3, fused=True)
+    x = torch.randn(16, 5, generator=torch.Generator().manual_seed(1))
+    for _ in range(5):
+        for m, o in ((a, ours), (b, theirs)):
+            o.zero_grad(set_to_none=True)
+            m(x).square().mean().backward()
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 @pytest.mark.parametrize("act_shape", [(6, 28, 28), (16, 10, 10), (120,)])
