@@ -127,13 +127,11 @@ def _cuts_as_asked(discovery: Discovery, asked: tuple[str, ...]) -> tuple[CutPoi
     if not asked:
         return discovery.cuts
     out: dict[str, CutPoint] = {}
-    for name in asked:
-        c = discovery.get(name)
-        if c.name in out or any(name == o.name or name in o.aliases for o in out.values()):
-            continue
-        if c.name != name:
-            c = replace(c, name=name, aliases=tuple(n for n in (c.name, *c.aliases) if n != name))
-        out[discovery.get(name).name] = c
+    for name in asked:  # keyed by the name discovery found: every name of one tensor resolves to it
+        found = discovery.get(name)
+        if found.name not in out:
+            out[found.name] = found if found.name == name else replace(
+                found, name=name, aliases=tuple(n for n in (found.name, *found.aliases) if n != name))
     return tuple(out.values())
 
 
