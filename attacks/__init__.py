@@ -2,6 +2,7 @@
 package registers them."""
 
 from splitaudit.attacks import image  # noqa: F401  (registers the "image" modality)
+from splitaudit.attacks import text  # noqa: F401  (registers the "text" modality; its models need the text extra)
 
 from splitaudit.attacks import decoder  # noqa: F401  (registers "decoder")
 from splitaudit.attacks import optimization  # noqa: F401  (registers "rmle")

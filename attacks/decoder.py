@@ -50,6 +50,7 @@ class Budget:
     batch: int
     lr: float
     full_res: bool = False  # an activation at the input's resolution is decoded at full resolution
+    min_steps: int = 0  # optimizer steps per run at least: small aux sets get more epochs (patience still stops early)
 
 
 PROFILES = {
@@ -61,14 +62,19 @@ PROFILES = {
 
 def _standardizer(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (spatial) or per-feature statistics; dead features get std 1 so they stay zero."""
-    dims = (0, 2, 3) if z.dim() == 4 else (0,)
-    mean = z.mean(dim=dims, keepdim=True)
-    std = z.std(dim=dims, keepdim=True)
+    # 4-d: per channel; 3-d (a sequence of hidden states, N x L x d): per feature over every position; else per feature
+    dims = (0, 2, 3) if z.dim() == 4 else (0, 1) if z.dim() == 3 else (0,)
+    if z.dim() == 3 and bool((sent := z.abs().amax(dim=-1) > 0).any()):  # positions never sent (padding, zeros) do not count
+        mean = z[sent].mean(dim=0).view(1, 1, -1)
+        std = z[sent].std(dim=0).view(1, 1, -1)
+    else:
+        mean = z.mean(dim=dims, keepdim=True)
+        std = z.std(dim=dims, keepdim=True)
     # Constant (dead) features: std at float rounding level relative to their own magnitude. A feature
     # with a legitimately small scale next to a large one is kept: each is judged on its own.
     floor = 1e-6 * mean.abs() + 1e-12
     std = torch.where(std > floor, std, torch.ones_like(std))
-    return mean[:1] if z.dim() == 4 else mean, std[:1] if z.dim() == 4 else std
+    return mean[:1] if z.dim() >= 3 else mean, std[:1] if z.dim() >= 3 else std
 
 
 def _nhwc(t):
@@ -79,10 +85,10 @@ def _nhwc(t):
     return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
 
-def _loss_of(loss):
+def _loss_of(modality):
     def fn(model, batch):
         u, x = batch  # activations already folded by the network's fold()
-        return loss(model.decode(u), x)
+        return modality.training_loss(model, u, x)
 
     return fn
 
@@ -95,7 +101,17 @@ class DecoderAttack(Attack):
 
     def __init__(self, *, profile: str = "standard", params: dict | None = None):
         self.config = build_config(DecoderConfig, params or {}, what="attack decoder")
-        b = PROFILES[profile]
+        self.profile = profile
+        self._apply(PROFILES[profile])
+        self.net: nn.Module | None = None  # the modality's decoder network
+        self._inference: nn.Module | None = None  # the fitted net prepared for inference (BatchNorm folded), for reconstruct
+        self.modality = "image"
+        self.net_kwargs: dict = {}  # what the modality's network was built with beyond the shapes (text: the vocabulary)
+        self.mean = self.std = None
+        self.holdout: torch.Tensor | None = None
+
+    def _apply(self, b: Budget) -> None:
+        """The profile's budget, where the attack's own params do not set a value."""
         self.full_res = b.full_res
         self.extensions = b.extensions if self.config.extensions < 0 else self.config.extensions
         self.batch_size = self.config.batch_size or b.batch
@@ -103,12 +119,8 @@ class DecoderAttack(Attack):
         self.width = self.config.width or b.width
         self.epochs = self.config.epochs or b.epochs
         self.patience = b.patience
+        self.min_steps = 0 if self.config.epochs else b.min_steps
         self.restarts = b.restarts if self.config.restarts < 0 else self.config.restarts
-        self.net: nn.Module | None = None  # the modality's decoder network
-        self._inference: nn.Module | None = None  # the fitted net prepared for inference (BatchNorm folded), for reconstruct
-        self.modality = "image"
-        self.mean = self.std = None
-        self.holdout: torch.Tensor | None = None
 
     def _normalize(self, z):
         return (z - self.mean) / self.std
@@ -130,9 +142,13 @@ class DecoderAttack(Attack):
         xt, xv = x_aux[tr_idx], x_aux[val_idx]
         modality = ctx.modality
         self.modality = modality.name
-        loss = _loss_of(modality.reconstruction_loss)
-        prior = modality.prior(xt)
-        baseline = float(modality.reconstruction_loss(prior.expand_as(xv), xv))
+        if (own := modality.budget(self.profile)) is not None:  # a modality with budgets of its own (text)
+            self._apply(own)
+        if self.min_steps:
+            self.epochs = max(self.epochs, math.ceil(self.min_steps / math.ceil(xt.shape[0] / self.batch_size)))
+        loss = _loss_of(modality)
+        baseline = modality.prior_loss(xt, xv)
+        self.net_kwargs = modality.decoder_kwargs(xt)
 
         init = getattr(self, "_init", None)
         best: tuple[float, dict] | None = None
@@ -145,7 +161,8 @@ class DecoderAttack(Attack):
         for attempt in range(self.restarts + 1):
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
             net = _nhwc(build_module(
-                lambda: modality.decoder(tuple(z_aux.shape[1:]), tuple(x_aux.shape[1:]), width=self.width, full_res=self.full_res),
+                lambda: modality.decoder(tuple(z_aux.shape[1:]), tuple(x_aux.shape[1:]), width=self.width, full_res=self.full_res,
+                                         **self.net_kwargs),
                 torch.Generator().manual_seed(seed), device=z_aux.device,
             ))
             if attempt == 0:
@@ -196,11 +213,11 @@ class DecoderAttack(Attack):
                 break
             if not res.diverged and attempt < self.restarts:
                 notes.append(
-                    f"run {attempt + 1}: validation MSE {val:.4f} does not beat the no-information guess "
+                    f"run {attempt + 1}: validation loss {val:.4f} does not beat the no-information guess "
                     f"({baseline:.4f}); restarting from a new initialization"
                 )
             elif not res.diverged:
-                notes.append(f"validation MSE {val:.4f} does not beat the no-information guess ({baseline:.4f})")
+                notes.append(f"validation loss {val:.4f} does not beat the no-information guess ({baseline:.4f})")
         if best is None:
             raise RuntimeError("decoder training diverged in every run")
         # Converged: the kept run beats the no-information guess; or no run does and a restart from a new
@@ -241,14 +258,15 @@ class DecoderAttack(Attack):
     def state(self) -> dict:
         """Everything needed to rebuild the fitted attack (for the cache)."""
         return {"net": self.net.state_dict(), "mean": self.mean, "std": self.std, "width": self.width, "full_res": self.full_res,
-                "modality": self.modality}
+                "modality": self.modality, "net_kwargs": self.net_kwargs}
 
     def load_state(self, state: dict, act_shape, input_shape, device: torch.device | str = "cpu") -> None:
         self.width = state["width"]
         self.modality = state.get("modality", "image")
+        self.net_kwargs = state.get("net_kwargs", {})
         self.net = _nhwc(build_module(  # the weights are overwritten
             lambda: get_modality(self.modality).decoder(tuple(act_shape), tuple(input_shape), width=self.width,
-                                                        full_res=state.get("full_res", False)),
+                                                        full_res=state.get("full_res", False), **self.net_kwargs),
             torch.Generator().manual_seed(0),
         ))
         self.net.load_state_dict(state["net"])

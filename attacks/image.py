@@ -27,7 +27,7 @@ class ImageModality(Modality):
     metrics = (MetricInfo("ssim", "SSIM", 3, 5, (-1.0, 1.0)), MetricInfo("psnr", "PSNR (dB)", 2, 3, None))
     headline = "ssim"
 
-    def load_data(self, spec: str):
+    def load_data(self, spec: str, *, model: str | None = None):
         from splitaudit.data import load_data
 
         return load_data(spec)
@@ -76,7 +76,7 @@ class ImageModality(Modality):
     def reconstruction_loss(pred, x):
         return F.mse_loss(pred, x)
 
-    def examples(self, x, recon, *, fixed, ranked, values) -> bytes:
+    def examples(self, x, recon, *, fixed, ranked, values, data=None) -> bytes:
         from splitaudit.report.images import grid_png
 
         return grid_png(x, recon, fixed=fixed, worst=ranked, ssim=values)

@@ -44,7 +44,9 @@ class Modality:
         """Whether this modality loads ``data_spec`` (the image modality is the fallback)."""
         return False
 
-    def load_data(self, spec: str):
+    def load_data(self, spec: str, *, model: str | None = None):
+        """The data ``spec`` names; ``model`` is the model spec, for data that depends on it (text is
+        tokenized by its model's tokenizer)."""
         raise NotImplementedError
 
     def check_data(self, dataset, spec: str) -> None:
@@ -68,6 +70,14 @@ class Modality:
         documented distance that needs no labels (Euclidean distance between these vectors)."""
         raise NotImplementedError
 
+    def reid_features(self, recon: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vectors re-identification compares: a reconstruction's and the originals'."""
+        return self.features(recon), self.features(x)
+
+    def sent_bytes(self, shape: tuple[int, ...], x_eval: torch.Tensor) -> int | None:
+        """Bytes per sample a cut of per-sample ``shape`` sends, where that is not its float32 size (None)."""
+        return None
+
     def judge(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         """An independent classifier (an architecture unlike the usual victims) that the tool trains on the
         attacker's aux data to label reconstructions: the attack accuracy. It has ``features(x)`` (the input
@@ -85,9 +95,28 @@ class Modality:
 
     reconstruction_loss: ClassVar[Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None] = None
 
+    def decoder_kwargs(self, x_train: torch.Tensor) -> dict:
+        """What the decoder's network needs from the attacker's training inputs (text: its vocabulary);
+        saved with the fitted attack, so a cached one is rebuilt the same."""
+        return {}
+
+    def training_loss(self, model: nn.Module, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The decoder's loss on a batch of folded activations ``u`` and inputs ``x``."""
+        return self.reconstruction_loss(model.decode(u), x)
+
+    def prior_loss(self, x_train: torch.Tensor, x_val: torch.Tensor) -> float:
+        """The loss of the no-information guess (made from ``x_train``) on ``x_val``: a decoder must beat it."""
+        return float(self.reconstruction_loss(self.prior(x_train).expand_as(x_val), x_val))
+
+    def budget(self, profile: str):
+        """The decoder's budget for ``profile`` when this modality has its own (None: the decoder's profiles)."""
+        return None
+
+    examples_format: ClassVar[str] = "png"  # what ``examples`` returns: png (image bytes) or html (a fragment)
+
     # -- views --
     def examples(self, x: torch.Tensor, recon: torch.Tensor, *, fixed: torch.Tensor, ranked: torch.Tensor,
-                 values: torch.Tensor) -> bytes:
+                 values: torch.Tensor, data=None) -> bytes:
         """A picture of some originals next to their reconstructions (PNG bytes): ``fixed`` samples shown in
         every row, then ``ranked`` ones (the most recognizable), each labelled with its ``values``."""
         raise NotImplementedError

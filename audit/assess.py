@@ -48,7 +48,7 @@ class Assessment:
     headline: ResultRow | None  # the row the status rests on: the strongest attack that ran (None: every attack failed)
     reasons: tuple[str, ...]
     problems: tuple[str, ...] = ()  # attacks of the ladder that failed, did not converge or are flagged as lower bounds
-    metric: str = "ssim"
+    metric: str = "ssim"  # the headline metric of the result's modality
 
     @property
     def verified(self) -> bool:
@@ -68,7 +68,7 @@ class Assessment:
 
     @property
     def value(self) -> float | None:
-        """The headline's value of the metric the verdict rests on (SSIM for images)."""
+        """The headline's value of the metric the verdict rests on (SSIM for images, token accuracy for text)."""
         v = None if self.headline is None else self.headline.value(self.metric)
         return float(v) if _finite(v) else None
 
@@ -110,33 +110,35 @@ def assess(result: AuditResult, cut: str, defense: str) -> Assessment:
     """The assessment of ``(cut, defense)`` in ``result``, by these rules in order (shared/DESIGN.md):
 
     1. every attack failed: **no conclusion**, shown as a failure;
-    2. **recognizable** when the strongest attack's SSIM is above the threshold *and* its gain over the
+    2. **recognizable** when the strongest attack's headline metric (the modality's: SSIM for images, token
+       accuracy for text) is above the threshold *and* its gain over the
        no-information guess is significantly above zero (its 95% interval excludes 0), or when any attack
        re-identifies its inputs significantly more often than ``reid_threshold`` (the interval's lower end
-       above it), whatever SSIM says. Evidence of leakage stands whatever the other attacks did;
+       above it), whatever the headline metric says. Evidence of leakage stands whatever the other attacks did;
     3. **no conclusion** when any attack failed, did not converge or is flagged as a lower bound, or when
        an interval straddles the threshold it is compared with (the sample is too small to decide);
     4. **no evidence of leakage beyond the prior** when the strongest attack does not beat the
        no-information guess significantly and re-identifies no more often than chance;
     5. otherwise **not recognizable by the attacks run**.
 
-    Results written before gains and re-identification were measured are judged by SSIM alone.
+    Results written before gains and re-identification were measured are judged by the headline metric alone.
     """
     rows = result.rows(cut=cut, defense=defense)
     thr, reid_thr = result.threshold, result.reid_threshold
-    metric = "ssim"
+    info = result.headline_metric
+    metric, label, nd = info.name, info.label, info.digits
     head = headline(rows, metric)
     problems = tuple(problems_of(rows))
     if head is None:
         reasons = problems or ("no attack ran on this pair",)
         return Assessment(cut, defense, NO_CONCLUSION, None, ("every attack failed",) + tuple(reasons), problems, metric)
-    value, (lo, hi) = head.value(metric), head.value(f"{metric}_ci")
+    value, (lo, hi) = head.value(metric), (head.value(f"{metric}_ci") or (math.nan, math.nan))
     n = head.n_eval
-    where = f"{attack_name(head)}: SSIM {value:.3f} [95% CI {lo:.3f}, {hi:.3f}], n={n}"
+    where = f"{attack_name(head)}: {label} {value:.{nd}f} [95% CI {lo:.{nd}f}, {hi:.{nd}f}], n={n}"
     gain_ci = _ci(head, f"{metric}_gain")
-    gain = None if gain_ci is None else (f"gain over the no-information guess {head.value(f'{metric}_gain'):+.3f} "
-                                         f"[95% CI {gain_ci[0]:+.3f}, {gain_ci[1]:+.3f}]")
-    beats_prior = gain_ci is None or gain_ci[0] > 0  # unknown (older results): judged by SSIM alone
+    gain = None if gain_ci is None else (f"gain over the no-information guess {head.value(f'{metric}_gain'):+.{nd}f} "
+                                         f"[95% CI {gain_ci[0]:+.{nd}f}, {gain_ci[1]:+.{nd}f}]")
+    beats_prior = gain_ci is None or gain_ci[0] > 0  # unknown (older results): judged by the headline metric alone
     ran = [r for r in rows if r.status != "failed"]
     reids = [(r, ci) for r in ran if (ci := _ci(r, "reid_top1")) is not None]
     chance = next((r.reid_chance for r, _ in reids if r.reid_chance is not None), None)
@@ -153,7 +155,7 @@ def assess(result: AuditResult, cut: str, defense: str) -> Assessment:
     identified = [(r, ci) for r, ci in reids if ci[0] > reid_thr]
     if identified:
         r, ci = max(identified, key=lambda rc: rc[1][0])
-        return done(RECOGNIZABLE, f"{reid_text(r, ci)}: above the re-identification threshold {100 * reid_thr:g}%, whatever SSIM says",
+        return done(RECOGNIZABLE, f"{reid_text(r, ci)}: above the re-identification threshold {100 * reid_thr:g}%, whatever {label} says",
                     where, *problems)
     if problems:
         return done(NO_CONCLUSION, f"{where}: the ladder is incomplete, so this is only a lower bound", *problems)

@@ -50,6 +50,8 @@ class ExecutorName(str, Enum):
 
 
 DEMO_DEFENSES = ("none", "noise:sigma=0.5", "noise:sigma=2", "dropout:p=0.5", "dpsgd:epsilon=8")
+# The text demo: a real pretrained sentence encoder on synthetic records with planted PII, every cut.
+TEXT_DEMO = dict(model="builtin:minilm", data="builtin:pii-text", defenses=("none", "noise:sigma=0.5", "noise:sigma=2"))
 
 
 def _command_line() -> str:
@@ -149,7 +151,8 @@ def _run_and_render(config, plan_profile: str | None = None) -> None:
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("splitaudit-demo"),
+    out: Annotated[Optional[Path], typer.Option(help="output folder [default: splitaudit-demo, splitaudit-demo-text with --text]")] = None,
+    text: Annotated[bool, typer.Option("--text", help="the text audit: builtin:minilm on builtin:pii-text (needs splitaudit[text])")] = False,
     profile: ProfileOpt = Profile.standard,
     device: DeviceOpt = Device.auto,
     seed: SeedOpt = 0,
@@ -160,12 +163,15 @@ def demo(
     ray_address: RayAddressOpt = None,
     plan_profile: PlanProfileOpt = None,
 ) -> None:
-    """Audit builtin:lenet on builtin:mnist at every cut with the default defenses."""
+    """Audit builtin:lenet on builtin:mnist (with --text: builtin:minilm on builtin:pii-text) at every cut
+    with the default defenses."""
     from splitaudit.runner import AuditConfig
 
+    job = TEXT_DEMO if text else dict(model="builtin:lenet", data="builtin:mnist", defenses=DEMO_DEFENSES)
+    out = out or Path("splitaudit-demo-text" if text else "splitaudit-demo")
     _run_and_render(
         AuditConfig(
-            model="builtin:lenet", data="builtin:mnist", defenses=DEMO_DEFENSES,
+            **job,
             **_run_options(profile, device, seed, out, no_cache, cache_dir, executor, workers, ray_address),
         ),
         plan_profile,

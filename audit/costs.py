@@ -191,6 +191,26 @@ def defense_latencies(model: nn.Module, cut: str, sample1: torch.Tensor, sample6
     return out | {"none": (base1, base1, base64, base64)}
 
 
+def agreement_of(pred: torch.Tensor, clean: torch.Tensor) -> float:
+    """Top-1 agreement with the undefended model; for embeddings (float predictions, unit vectors) the
+    mean cosine similarity to the undefended model's."""
+    if pred.is_floating_point():
+        return float((pred * clean).sum(dim=1).mean())
+    return float((pred == clean).float().mean())
+
+
+def accuracy_of(pred: torch.Tensor, y: torch.Tensor, clean: torch.Tensor | None) -> float:
+    """Accuracy on the labels; for embeddings, of the nearest class centroid of the undefended model's
+    embeddings of the same inputs (a defense that moves embeddings off their class loses it)."""
+    if not pred.is_floating_point():
+        return float((pred == y).float().mean())
+    ref = clean if clean is not None else pred
+    k = int(y.max()) + 1
+    centroids = torch.zeros(k, ref.shape[1], dtype=ref.dtype, device=ref.device).index_add_(0, y, ref)
+    centroids = torch.nn.functional.normalize(centroids, dim=1)
+    return float(((pred @ centroids.T).argmax(dim=1) == y).float().mean())
+
+
 class UtilityMeter:
     """Accuracy and top-1 agreement with the undefended model, per (cut, defense), from one path.
 
@@ -246,8 +266,8 @@ class UtilityMeter:
         out = []
         for k in range(len(ds)):
             mine = [p for (j, _), p in zip(draws, preds) if j == k and p is not None]
-            accs = [float((p == s.y_eval).float().mean()) for p in mine] if s.y_eval is not None else []
-            agrees = [float((p == s.clean_pred).float().mean()) for p in mine] if s.clean_pred is not None else []
+            accs = [accuracy_of(p, s.y_eval, s.clean_pred) for p in mine] if s.y_eval is not None else []
+            agrees = [agreement_of(p, s.clean_pred) for p in mine] if s.clean_pred is not None else []
             out.append((sum(accs) / len(accs) if accs else None, sum(agrees) / len(agrees) if agrees else None))
         return out
 

@@ -134,7 +134,20 @@ def discover_cuts(model: nn.Module, sample: torch.Tensor) -> Discovery:
             cuts[alias_of] = CutPoint(prev.name, prev.shape, prev.index, prev.module_type, prev.aliases + (name,), prev.sent_bytes)
             continue
         seen.append((ident, version))
-        cuts.append(CutPoint(name, tuple(out.shape[1:]), len(cuts), mtype, sent_bytes=sent))
+        cuts.append(CutPoint(name, tuple(_padded(model, sample, out).shape[1:]), len(cuts), mtype, sent_bytes=sent))
+    # A model that declares its split points (``split_points``, a tuple of module names: the text models'
+    # embeddings, blocks and pooled output) offers only those, under the names it declares.
+    declared = getattr(model, "split_points", None)
+    if declared:
+        kept = []
+        for c in cuts:
+            names = (c.name, *c.aliases)
+            mine = [n for n in names if n in declared]
+            if mine:
+                kept.append(CutPoint(mine[0], c.shape, len(kept), c.module_type, tuple(n for n in names if n != mine[0]), c.sent_bytes))
+            else:
+                skipped.append((c.name, "not one of the split points the model declares"))
+        cuts = kept
     # The input itself is not a candidate here; the planner adds "all on the server" separately.
     return Discovery(tuple(cuts), tuple(skipped))
 
@@ -183,19 +196,49 @@ def capture(model: nn.Module, cut: str, x: torch.Tensor, *, batch_size: int = 25
     return capture_many(model, [cut], x, batch_size=batch_size)[cut]
 
 
+def _padded(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """For a model that declares ``variable_length`` (the text models, which run each batch at its own
+    longest text): ``t`` (B, L_batch, d) zeroed at the padding positions of ``x`` (the tags -2) and
+    zero-padded to the data's length. Padding is never sent, so the attacker sees zeros there."""
+    if not getattr(model, "variable_length", False) or t.dim() != 3 or t.shape[0] != x.shape[0]:
+        return t
+    if t.shape[1] < x.shape[-1]:
+        t = torch.nn.functional.pad(t, (0, 0, 0, x.shape[-1] - t.shape[1]))
+    return t * (x[:, 1] != -2).unsqueeze(-1).to(t.dtype)
+
+
+def _by_length(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """For a ``variable_length`` model, the order of ``x`` by text length (longest first): batches of
+    texts of similar length then run at their own length, not the data's longest (half the time on the
+    builtin PII texts). None for other models."""
+    if not getattr(model, "variable_length", False) or x.dim() != 3:
+        return None
+    return torch.argsort((x[:, 1] != -2).sum(dim=1), descending=True, stable=True)
+
+
 @torch.no_grad()
 def capture_many(model: nn.Module, cuts: list[str], x: torch.Tensor, *, batch_size: int = 256) -> dict[str, torch.Tensor]:
     """The activations at each of ``cuts`` for all of ``x``, from one pass per batch that stops at the
     last of them to run. Each is copied when its module returns, so an in-place op after the cut (a
     ``ReLU(inplace=True)``) does not change what was captured. :func:`capture` is this for one cut."""
     model.eval()
+    order = _by_length(model, x)
+    if order is not None:  # captured in length order, handed back in the data's order
+        got = _capture_in_order(model, cuts, x[order], batch_size)
+        inverse = torch.argsort(order)
+        return {c: v[inverse.to(v.device)] for c, v in got.items()}
+    return _capture_in_order(model, cuts, x, batch_size)
+
+
+def _capture_in_order(model: nn.Module, cuts: list[str], x: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
     outs: dict[str, list[torch.Tensor]] = {c: [] for c in cuts}
     left: set[str] = set()
+    batch: list[torch.Tensor] = []
 
     def make_hook(cut):
         def hook(module, inputs, output):
             if cut in left:
-                outs[cut].append(_at(cut, output).detach().clone())
+                outs[cut].append(_padded(model, batch[0], _at(cut, output).detach().clone()))
                 left.discard(cut)
                 if not left:
                     raise _StopForward(output)
@@ -205,8 +248,9 @@ def capture_many(model: nn.Module, cuts: list[str], x: torch.Tensor, *, batch_si
     try:
         for i in range(0, x.shape[0], batch_size):
             left.update(cuts)
+            batch[:] = [x[i : i + batch_size]]
             try:
-                run_model(model, x[i : i + batch_size])
+                run_model(model, batch[0])
             except _StopForward:
                 pass
             if left:
@@ -233,9 +277,13 @@ def forward_with(model: nn.Module, cut: str, x: torch.Tensor, transform: Callabl
         handle.remove()
 
 
-def _top1(out) -> torch.Tensor:
+def _top1(out, model: nn.Module | None = None) -> torch.Tensor:
+    """A model's prediction: the top-1 class of its logits, or for a model that declares
+    ``output_kind = "embedding"`` (the text models) its L2-normalized output vector."""
     if not isinstance(out, torch.Tensor) or out.dim() < 2:
         raise ModelError("the model's output is not a (batch, classes) tensor, so accuracy cannot be measured")
+    if getattr(model, "output_kind", "logits") == "embedding":
+        return torch.nn.functional.normalize(out.flatten(1).float(), dim=1)
     return out.argmax(dim=1)
 
 
@@ -245,7 +293,12 @@ def predict(model: nn.Module, x: torch.Tensor, *, cut: str | None = None, transf
     if cut is not None and transform is not None:
         return predict_each(model, x, cut, [transform], batch_size=batch_size)[0]
     model.eval()
-    return torch.cat([_top1(run_model(model, x[i : i + batch_size])) for i in range(0, x.shape[0], batch_size)])
+    order = _by_length(model, x)
+    if order is not None:  # in length order, handed back in the data's order
+        xs = x[order]
+        out = torch.cat([_top1(run_model(model, xs[i : i + batch_size]), model) for i in range(0, x.shape[0], batch_size)])
+        return out[torch.argsort(order).to(out.device)]
+    return torch.cat([_top1(run_model(model, x[i : i + batch_size]), model) for i in range(0, x.shape[0], batch_size)])
 
 
 def _stacked(model: nn.Module, cut: str, x: torch.Tensor, transforms) -> list[torch.Tensor] | None:
@@ -310,6 +363,9 @@ def predict_each(model: nn.Module, x: torch.Tensor, cut: str, transforms, *, bat
     """
     model.eval()
     transforms = list(transforms)
+    order = _by_length(model, x)
+    if order is not None:  # in length order, handed back in the data's order
+        x, inverse = x[order], torch.argsort(order)
     stack = _stacks(model, cut, x, len(transforms))
     preds: list[list[torch.Tensor]] = [[] for _ in transforms]
     for i in range(0, x.shape[0], batch_size):
@@ -319,5 +375,6 @@ def predict_each(model: nn.Module, x: torch.Tensor, cut: str, transforms, *, bat
             stack = stack and xb.shape[0] < 2  # a full batch that failed stacked: the rest run one by one
             outs = [forward_with(model, cut, xb, t) for t in transforms]
         for p, out in zip(preds, outs):
-            p.append(_top1(out))
-    return [torch.cat(p) for p in preds]
+            p.append(_top1(out, model))
+    out = [torch.cat(p) for p in preds]
+    return out if order is None else [p[inverse.to(p.device)] for p in out]

@@ -65,7 +65,9 @@ def _accepted_forms() -> str:
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Images as float32 (N, C, H, W) in [0, 1], with optional labels and predefined split."""
+    """Images as float32 (N, C, H, W) in [0, 1], or texts as int64 (N, 2, L) token ids and tags (see
+    :mod:`splitaudit.text_data`), with optional labels and predefined split. A text set also carries the
+    tokenizer's vocabulary (id -> token, for the views) and the names of its PII kinds."""
 
     spec: str
     x: torch.Tensor
@@ -73,12 +75,18 @@ class Dataset:
     classes: tuple[str, ...] | None
     split: torch.Tensor | None = None
     license: str | None = None
+    vocab: tuple[str, ...] | None = None
+    kinds: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         x = self.x
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        text = isinstance(x, torch.Tensor) and x.dtype == torch.int64
+        if text:
+            if x.dim() != 3 or x.shape[1] != 2:
+                raise DataError(f"{self.spec}: token data must be int64 of shape (N, 2, L), got {_describe(x)}")
+        elif not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise DataError(f"{self.spec}: x must be a 4-d tensor (N, C, H, W), got {_describe(x)}")
-        if x.dtype != torch.float32:
+        elif x.dtype != torch.float32:
             raise DataError(f"{self.spec}: x must be float32, got {x.dtype}")
         n = x.shape[0]
         if self.y is not None:
@@ -100,9 +108,8 @@ class Dataset:
         return int(self.x.shape[0])
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        c, h, w = self.x.shape[1:]
-        return int(c), int(h), int(w)
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.x.shape[1:])
 
     @property
     def has_labels(self) -> bool:
@@ -115,7 +122,7 @@ class Dataset:
         elif isinstance(idx, (list, tuple)):
             idx = torch.as_tensor(idx, dtype=torch.int64) if len(idx) else torch.zeros(0, dtype=torch.int64)
         x = self.x[idx]
-        if x.dim() == 3:  # a single integer index
+        if x.dim() == self.x.dim() - 1:  # a single integer index
             x = x.unsqueeze(0)
         y = None
         if self.y is not None:
@@ -127,6 +134,8 @@ class Dataset:
             classes=self.classes,
             split=None,
             license=self.license,
+            vocab=self.vocab,
+            kinds=self.kinds,
         )
 
     def __repr__(self) -> str:

@@ -34,6 +34,8 @@ Config (``splitaudit.toml`` at top level, or ``[tool.splitaudit]`` in ``pyprojec
     [thresholds]               # defaults for every (cut, defense); max_ssim defaults to 0.3
     max_ssim = 0.3
     max_ssim_increase = 0.02   # regression limits apply only when a baseline is given
+    # text results: max_token_accuracy, max_rouge_l, max_exact_match, max_pii_recovery,
+    # max_token_accuracy_gain, max_token_accuracy_increase (one max_<metric> per metric of a modality)
 
     [[thresholds.rule]]        # overrides, matched on cut and/or defense
     cut = "layer2"
@@ -46,7 +48,17 @@ file wins. A rule overrides only the keys it sets.
 
 ``thresholds.max_ssim`` (the default, not a rule's) is also the "not recognizable" threshold the audit
 writes into its report, so the report's verdicts and the gate agree. There is no separate
-``threshold`` key.
+``threshold`` key. On text, ``thresholds.max_token_accuracy`` plays that part: each modality's
+``max_<headline>``.
+
+Leakage keys belong to a modality (:mod:`splitaudit.attacks.modality`): the image keys (``max_ssim``,
+``max_psnr``, their gains and increases) and one ``max_<metric>`` per metric of every other modality,
+read from the modality's metrics (text: ``max_token_accuracy``, ``max_rouge_l``, ``max_exact_match``,
+``max_pii_recovery``, and ``max_token_accuracy_gain`` / ``_increase`` for its headline). A key of
+another modality than the results' is an error (exit 2), never a check that silently passes; the
+default ``max_ssim = 0.3``, which nobody wrote, becomes the results' headline key (``max_token_accuracy
+= 0.3`` on text). The other keys (accuracy, agreement, latency, re-identification) apply to any
+modality.
 """
 
 from __future__ import annotations
@@ -82,31 +94,76 @@ class Metric:
     lo: float = 0.0  # allowed range of the limit
     hi: float = math.inf
     digits: int = 3
+    modality: str | None = None  # the modality whose results have this metric; None: every modality
+    role: str | None = None  # on the modality's headline: "max" | "gain" | "increase" (how a key maps across modalities)
 
     @property
     def allowed(self) -> str:
         return f"[{self.lo:g}, {self.hi:g}]" if math.isfinite(self.hi) else f">= {self.lo:g}"
 
 
-METRICS: tuple[Metric, ...] = (
-    Metric("max_ssim", "ssim", "SSIM", "max", leakage=True, hi=1.0),
-    Metric("max_psnr", "psnr", "PSNR (dB)", "max", leakage=True, digits=2),
+_BASE_METRICS: tuple[Metric, ...] = (
+    Metric("max_ssim", "ssim", "SSIM", "max", leakage=True, hi=1.0, modality="image", role="max"),
+    Metric("max_psnr", "psnr", "PSNR (dB)", "max", leakage=True, digits=2, modality="image"),
     Metric("min_accuracy", "accuracy", "accuracy", "min", hi=1.0),
     Metric("min_agreement", "agreement", "agreement with the undefended model", "min", hi=1.0),
     Metric("max_latency_overhead_ms", "latency_overhead_ms", "device latency overhead (ms)", "max", digits=4),
-    Metric("max_ssim_gain", "ssim_gain", "SSIM gain over the no-information guess", "max", leakage=True, lo=-1.0, hi=2.0),
+    Metric("max_ssim_gain", "ssim_gain", "SSIM gain over the no-information guess", "max", leakage=True, lo=-1.0, hi=2.0, modality="image",
+           role="gain"),
     Metric("max_reid", "reid_top1", "re-identified share", "max", leakage=True, hi=1.0),
     Metric("max_reid_over_chance", "reid_over_chance", "re-identified share as a multiple of chance", "max", leakage=True, digits=1),
     Metric("max_attack_accuracy", "attack_accuracy", "attack accuracy (the judge on the reconstructions)", "max", leakage=True, hi=1.0),
-    Metric("max_ssim_increase", "ssim", "SSIM increase over the baseline", "max", "increase", leakage=True, hi=1.0),
-    Metric("max_psnr_increase", "psnr", "PSNR increase over the baseline (dB)", "max", "increase", leakage=True, digits=2),
+    Metric("max_ssim_increase", "ssim", "SSIM increase over the baseline", "max", "increase", leakage=True, hi=1.0, modality="image",
+           role="increase"),
+    Metric("max_psnr_increase", "psnr", "PSNR increase over the baseline (dB)", "max", "increase", leakage=True, digits=2, modality="image"),
     Metric("max_accuracy_drop", "accuracy", "accuracy drop from the baseline", "max", "drop", hi=1.0),
     Metric("max_agreement_drop", "agreement", "agreement drop from the baseline", "max", "drop", hi=1.0),
     Metric("max_latency_overhead_increase_ms", "latency_overhead_ms", "latency overhead increase over the baseline (ms)", "max",
            "increase", digits=4),
 )
+
+
+def _modality_metrics(known: set[str]) -> list[Metric]:
+    """One ``max_<metric>`` per metric of every registered modality, and the headline's gain and increase,
+    read from the modality (label, digits, range); the keys already defined (the image ones) are kept."""
+    import splitaudit.attacks  # noqa: F401  (registers the modalities)
+    from splitaudit.attacks.modality import MODALITIES
+
+    out: list[Metric] = []
+    for mod in MODALITIES.values():
+        for m in mod.metrics:
+            lo, hi = (0.0, math.inf) if m.range is None else (min(0.0, m.range[0]), m.range[1])
+            span = math.inf if m.range is None else m.range[1] - m.range[0]
+            keys = [Metric(f"max_{m.name}", m.name, m.label, "max", leakage=True, lo=lo, hi=hi, digits=m.digits, modality=mod.name,
+                           role="max" if m.name == mod.headline else None)]
+            if m.name == mod.headline:
+                keys += [
+                    Metric(f"max_{m.name}_gain", f"{m.name}_gain", f"{m.label} gain over the no-information guess", "max", leakage=True,
+                           lo=-span, hi=span, digits=m.digits, modality=mod.name, role="gain"),
+                    Metric(f"max_{m.name}_increase", m.name, f"{m.label} increase over the baseline", "max", "increase", leakage=True,
+                           hi=span, digits=m.digits, modality=mod.name, role="increase"),
+                ]
+            for k in keys:
+                if k.key not in known:
+                    known.add(k.key)
+                    out.append(k)
+    return out
+
+
+METRICS: tuple[Metric, ...] = _BASE_METRICS + tuple(_modality_metrics({m.key for m in _BASE_METRICS}))
 METRIC_BY_KEY = {m.key: m for m in METRICS}
-DEFAULT_LIMITS = {"max_ssim": 0.3}
+DEFAULT_LIMITS = {"max_ssim": 0.3}  # on other modalities, the same limit on their headline (see GateConfig.for_modality)
+
+
+def _headline_key(modality, role: str = "max") -> str | None:
+    """The threshold key of ``modality``'s headline metric for ``role`` (max_ssim, max_token_accuracy_gain)."""
+    return next((m.key for m in METRICS if m.modality == modality.name and m.role == role), None)
+
+
+def _is_threshold(key: str) -> bool:
+    """A modality's headline key is also the audit's "not recognizable" threshold: it must be above 0."""
+    m = METRIC_BY_KEY[key]
+    return m.role == "max" and m.modality is not None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,6 +214,45 @@ class GateConfig:
     thresholds: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
     rules: tuple[Rule, ...] = ()
     path: str | None = None  # the file it came from
+    # The keys of ``thresholds`` that are defaults nobody wrote (they follow the results' modality); None: a
+    # key of DEFAULT_LIMITS at its default value (a config built in code).
+    defaults: frozenset[str] | None = None
+
+    def __post_init__(self):
+        if self.defaults is None:
+            object.__setattr__(self, "defaults", frozenset(k for k, v in DEFAULT_LIMITS.items() if self.thresholds.get(k) == v))
+
+    def for_modality(self, modality) -> GateConfig:
+        """This config for results of ``modality``: a key another modality owns is an error (a check that could
+        never apply must not pass silently); a default nobody wrote becomes this modality's headline key."""
+        def foreign(key: str, where: str) -> None:
+            m = METRIC_BY_KEY[key]
+            if m.modality is None or m.modality == modality.name:
+                return
+            same = _headline_key(modality, m.role) if m.role else None
+            own = [k.key for k in METRICS if k.modality == modality.name]
+            hint = f"use {same!r} instead" if same else f"the {modality.name} keys are {', '.join(own)}"
+            head = modality.metric(modality.headline).label
+            raise UserError(f"{key} in {where} is a threshold on {m.modality} results ({m.label}), but these are {modality.name} "
+                            f"results (headline {head}), which have no {m.field}: {hint}")
+
+        where = self.path or "the gate config"
+        for k in self.thresholds:
+            if k not in self.defaults:
+                foreign(k, f"[thresholds] of {where}")
+        for r in self.rules:
+            for k in r.limits:
+                foreign(k, f"[[thresholds.rule]] #{r.index + 1} of {where}")
+        thresholds: dict[str, float] = {}
+        for k in self.defaults:  # first the defaults, moved to this modality's own key ...
+            m = METRIC_BY_KEY[k]
+            if m.modality is None or m.modality == modality.name:
+                thresholds[k] = self.thresholds[k]
+            elif m.role and (same := _headline_key(modality, m.role)) is not None:
+                thresholds[same] = self.thresholds[k]
+        thresholds.update({k: v for k, v in self.thresholds.items() if k not in self.defaults})  # ... then what the user wrote
+        return replace(self, thresholds=thresholds, defaults=frozenset(k for k in thresholds if k not in self.thresholds
+                                                                       or k in self.defaults))
 
     def limits_for(self, cut: str, defense: str, *, aliases: dict[str, str] | None = None) -> dict[str, float]:
         """The limits for one pair: defaults, then matching rules by specificity, then file order."""
@@ -172,10 +268,16 @@ class GateConfig:
         if missing:
             raise UserError(f"{self.path or 'the gate config'} has no {' and no '.join(missing)}, which running the audit needs "
                             "(or pass --results RESULTS.json)")
+        import splitaudit.attacks  # noqa: F401  (registers the modalities)
+        from splitaudit.attacks.modality import modality_for
+
+        modality = modality_for(self.data)
+        mine = self.for_modality(modality)  # a key of another modality fails now, not after the audit
         return AuditConfig(
             model=self.model, data=self.data, weights=self.weights, cuts=self.cuts, defenses=self.defenses or ("none",),
             attacks=self.attacks or ("decoder",), profile=self.profile, device=self.device, seed=self.seed, out=out,
-            threshold=self.thresholds.get("max_ssim", DEFAULT_LIMITS["max_ssim"]), reid_threshold=self.reid_threshold,
+            threshold=mine.thresholds.get(_headline_key(modality) or "max_ssim", DEFAULT_LIMITS["max_ssim"]),
+            reid_threshold=self.reid_threshold,
             output=self.output, input_norm=self.input_norm,
             cache_dir=cache_dir or self.cache_dir,
             use_cache=use_cache, command=command, aux_data=self.aux_data, aux_queries=self.aux_queries,
@@ -219,8 +321,9 @@ def _limits(table: dict, where: str) -> dict[str, float]:
         m = METRIC_BY_KEY[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise UserError(f"{key} in {where} must be a number, got {value!r}")
-        if not m.lo <= value <= m.hi or (key == "max_ssim" and value <= 0):
-            rng = "(0, 1]" if key == "max_ssim" else m.allowed
+        positive = _is_threshold(key)  # also the audit's "not recognizable" threshold: above 0
+        if not m.lo <= value <= m.hi or (positive and value <= 0):
+            rng = f"(0, {m.hi:g}]" if positive else m.allowed
             raise UserError(f"{key} = {value!r} in {where} is out of range; allowed: {rng}")
         out[key] = float(value)
     return out
@@ -311,13 +414,16 @@ def parse_gate_config(table: dict[str, Any], *, root: Path, where: str = CONFIG_
         kw["ray_address"] = _expect(table["ray_address"], str, "ray_address", where, "a string").strip() or None
 
     thresholds = dict(DEFAULT_LIMITS)
+    written: set[str] = set()
     rules: list[Rule] = []
     if "thresholds" in table:
         t = table["thresholds"]
         if not isinstance(t, dict):
             raise UserError(f"thresholds in {where} must be a table ([thresholds])")
         _unknown(t, THRESHOLD_KEYS, f"[thresholds] of {where}")
-        thresholds.update(_limits(t, f"[thresholds] of {where}"))
+        mine = _limits(t, f"[thresholds] of {where}")
+        thresholds.update(mine)
+        written.update(mine)
         raw_rules = t.get("rule", [])
         if not isinstance(raw_rules, list) or not all(isinstance(r, dict) for r in raw_rules):
             raise UserError(f"thresholds.rule in {where} must be an array of tables ([[thresholds.rule]])")
@@ -332,7 +438,7 @@ def parse_gate_config(table: dict[str, Any], *, root: Path, where: str = CONFIG_
             if not limits:
                 raise UserError(f"{rw} sets no threshold; allowed keys: {', '.join(LIMIT_KEYS)}")
             rules.append(Rule(cut=cut, defense=defense, limits=limits, index=i))
-    return GateConfig(**kw, thresholds=thresholds, rules=tuple(rules), path=where)
+    return GateConfig(**kw, thresholds=thresholds, rules=tuple(rules), path=where, defaults=frozenset(set(DEFAULT_LIMITS) - written))
 
 
 def load_gate_config(path: str | Path | None = None, *, cwd: str | Path | None = None) -> GateConfig:
@@ -451,6 +557,12 @@ def evaluate(result: AuditResult, gate_config: GateConfig, baseline: AuditResult
     ``base`` is the folder that ``ResultRow.images`` paths are relative to (the results file's folder);
     checks then carry the full path of the reconstruction grid.
     """
+    modality = result.modality
+    if baseline is not None and baseline.modality.name != modality.name:
+        raise UserError(f"the baseline holds {baseline.modality.name} results and the results {modality.name} ones: "
+                        "a regression limit cannot compare them")
+    gate_config = gate_config.for_modality(modality)  # a key of another modality is an error, not a pass
+    head_ci_key = f"{modality.headline}_ci"
     aliases = _alias_map(result)
     checks: list[Check] = []
     notes: list[str] = []
@@ -504,8 +616,9 @@ def evaluate(result: AuditResult, gate_config: GateConfig, baseline: AuditResult
             ok = value <= limit if m.bound == "max" else value >= limit
             op = ("<=" if ok else ">") if m.bound == "max" else (">=" if ok else "<")
             msg = f"{m.label}{by} {_fmt(value, m.digits)} {op} limit {_fmt(limit, m.digits)}"
-            if m.key == "max_ssim" and head is not None:
-                msg += f" (95% CI [{_fmt(head.ssim_ci[0])}, {_fmt(head.ssim_ci[1])}])"
+            if not m.regression and m.field == modality.headline and head is not None and head.value(head_ci_key) is not None:
+                ci = head.value(head_ci_key)
+                msg += f" (95% CI [{_fmt(ci[0], m.digits)}, {_fmt(ci[1], m.digits)}])"
             if m.leakage and problems:
                 ok = False
                 msg += "; FAILS because " + "; ".join(problems)
@@ -563,6 +676,35 @@ def assert_max_ssim_gain(result: AuditResult, *, cut: str, defense: str = "none"
     return _assert(check_limit(result, cut=cut, defense=defense, metric="max_ssim_gain", limit=limit, base=base))
 
 
+def assert_max_token_accuracy(result: AuditResult, value: float = 0.3, cut: str | None = None, defense: str | None = None, *,
+                              base=None) -> list[Check]:
+    """Fail unless the strongest attack's mean token accuracy is at most ``value`` at ``cut`` / ``defense``
+    (text results; the text twin of :func:`assert_max_ssim`). ``cut=None`` checks every cut of the results,
+    ``defense=None`` every defense; returns the checks. Like every leakage check it fails closed, and on
+    image results it is an error, not a pass."""
+    return _assert_each(result, "max_token_accuracy", value, cut, defense, base)
+
+
+def _assert_each(result: AuditResult, metric: str, limit: float, cut: str | None, defense: str | None, base) -> list[Check]:
+    """``metric`` <= ``limit`` at every (cut, defense) of ``result`` that matches (None: any), failures listed together."""
+    if cut is not None and defense is not None:
+        return [_assert(check_limit(result, cut=cut, defense=defense, metric=metric, limit=limit, base=base))]
+    aliases = _alias_map(result)
+    want_cut = None if cut is None else aliases.get(cut, cut)
+    want_def = None if defense is None else _canonical_defense(defense)
+    pairs = [(a.cut, a.defense) for a in result.assessments()
+             if (want_cut is None or a.cut == want_cut) and (want_def is None or a.defense == want_def)]
+    if not pairs:
+        raise AssertionError(f"splitaudit: no result for cut {cut if cut is not None else 'any'!r} with defense "
+                             f"{defense if defense is not None else 'any'!r}")
+    checks = [check_limit(result, cut=c, defense=d, metric=metric, limit=limit, base=base) for c, d in pairs]
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        raise AssertionError("splitaudit: " + "; ".join(f"cut {c.cut!r}, defense {c.defense!r}: {c.message}" for c in failed)
+                             + "".join(f"\n  reconstructions: {c.images}" for c in failed if c.images))
+    return checks
+
+
 def assert_gate(result: AuditResult, config: GateConfig, baseline: AuditResult | None = None, *, base=None) -> GateReport:
     """Fail with every failed check listed when ``result`` does not pass ``config``."""
     report = evaluate(result, config, baseline, base=base)
@@ -608,18 +750,32 @@ def markdown_summary(report: GateReport, result: AuditResult) -> str:
     """The verdict table and the failed checks in Markdown, for ``$GITHUB_STEP_SUMMARY``."""
     from splitaudit.plan import short_defense_names
 
+    modality = result.modality
+    head = modality.metric(modality.headline)
+    others = [m for m in modality.metrics if m.name != head.name and m.range is not None]  # bounded: shares (ROUGE-L, PII recovery)
     short = short_defense_names(result.defenses())
+    cols = ["cut", "defense", "verdict", f"{head.label} [95% CI]", "gain", *[m.label for m in others], "re-id", "accuracy"]
     lines = [f"## splitaudit gate: {'passed' if report.passed else 'FAILED'}", "", report.summary() + ".", "",
-             "| cut | defense | verdict | SSIM [95% CI] | gain | re-id | accuracy |", "|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 
+    def num(v, nd: int, signed: bool = False) -> str:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            return "-"
+        return f"{v:+.{nd}f}" if signed else f"{v:.{nd}f}"
+
     for a in result.assessments():
         h = a.headline
-        nums = ["-", "-", "-", "-"] if h is None else [
-            f"{h.ssim:.3f} [{h.ssim_ci[0]:.3f}, {h.ssim_ci[1]:.3f}]", "-" if h.ssim_gain is None else f"{h.ssim_gain:+.3f}",
-            "-" if h.reid_top1 is None else f"{100 * h.reid_top1:.1f}%", "-" if h.accuracy is None else f"{h.accuracy:.3f}"]
+        nd = head.digits
+        if h is None:
+            nums = ["-"] * (len(cols) - 3)
+        else:
+            ci = h.value(f"{head.name}_ci")
+            lead = num(h.value(head.name), nd) + (f" [{num(ci[0], nd)}, {num(ci[1], nd)}]" if ci is not None else "")
+            nums = [lead, num(h.value(f"{head.name}_gain"), nd, signed=True), *[num(h.value(m.name), m.digits) for m in others],
+                    "-" if h.reid_top1 is None else f"{100 * h.reid_top1:.1f}%", "-" if h.accuracy is None else f"{h.accuracy:.3f}"]
         lines.append(f"| `{cell(a.cut)}` | `{cell(short.get(a.defense, a.defense))}` | {a.words} | " + " | ".join(nums) + " |")
     if report.failures:
         lines += ["", "### Failed checks", ""]
@@ -670,6 +826,6 @@ def write_junit(report: GateReport, path: str | Path) -> Path:
 
 __all__ = [
     "Check", "GateConfig", "GateReport", "Rule", "METRICS", "append_summary", "assert_gate", "assert_max_psnr", "assert_max_reid",
-    "assert_max_ssim", "assert_max_ssim_gain", "assert_min_accuracy", "markdown_summary",
+    "assert_max_ssim", "assert_max_ssim_gain", "assert_max_token_accuracy", "assert_min_accuracy", "markdown_summary",
     "assert_min_agreement", "check_limit", "evaluate", "junit_xml", "load_gate_config", "parse_gate_config", "write_junit",
 ]

@@ -235,7 +235,7 @@ def _score(attack, z_eval: torch.Tensor, inputs: JobInputs, modality, prior: tor
     x_eval = inputs.x_eval
     recon = modality.clip(attack.reconstruct(z_eval))
     values = modality.score(recon, x_eval)
-    values["reid_top1"] = reidentified(modality.features(recon), modality.features(x_eval))
+    values["reid_top1"] = reidentified(*modality.reid_features(recon, x_eval))
     judge = inputs.judge
     if judge is not None:
         judge.eval()

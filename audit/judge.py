@@ -44,8 +44,8 @@ def train_judge(scenario, cache, reporter, phase) -> Judge | None:
     """The judge of ``scenario`` (None without labels), from the cache or trained on the aux split."""
     s = scenario
     aux = s.splits.aux
-    if aux.y is None or s.y_eval is None:
-        return None
+    if aux.y is None or s.y_eval is None or s.modality.judge(tuple(aux.x.shape[1:]), 2) is None:
+        return None  # no labels, or a modality without an independent classifier (text)
     num_classes = int(max(int(aux.y.max()), int(s.y_eval.max()))) + 1
     factory = lambda: s.modality.judge(tuple(aux.x.shape[1:]), num_classes)  # noqa: E731
     per_epoch = -(-aux.n // RECIPE.batch_size)

@@ -242,12 +242,17 @@ def load_model(spec: str, *, weights: str | None, splits, num_classes: int, devi
     parsed = parse_model_spec(spec)
     info: dict = {"spec": spec, "output": output or "the first tensor", "input_norm": None if input_norm is None else
                   {"mean": list(input_norm[0]), "std": list(input_norm[1])}}
-    model = adapt_model(build_model(spec, in_channels=splits.eval.shape[0], num_classes=num_classes), output=output,
-                        input_norm=input_norm, channels=splits.eval.shape[0])
+    from splitaudit.text_models import is_text_model, load_text_model
+
+    text = is_text_model(spec)
+    base = load_text_model(spec) if text else build_model(spec, in_channels=splits.eval.shape[0], num_classes=num_classes)
+    model = adapt_model(base, output=output, input_norm=input_norm, channels=splits.eval.shape[0])
+    if text and not weights:
+        info["trained"] = "pretrained"
     if weights:
         load_weights(model, weights)
         info["weights"] = str(weights)
-    elif parsed.kind == "builtin":
+    elif parsed.kind == "builtin" and not text:
         key = builtin_cache_key(parsed.target, data_hash(splits.victim), splits.victim.shape[0], num_classes)
         state = cache.get("models", key)
         if state is not None:

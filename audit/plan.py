@@ -2,7 +2,7 @@
 
 ``splitaudit plan`` turns an audit into a recommendation. Every number it starts from was measured by
 the audit (head and tail latency and FLOPs, bytes on the wire with each defense, the strongest
-attack's SSIM, accuracy); a *deployment profile* (TOML) says how fast the device and the server are
+attack's SSIM or token accuracy, accuracy); a *deployment profile* (TOML) says how fast the device and the server are
 compared with the machine that ran the audit, what the link does, and what the server costs.
 
 Pure functions: no torch, no console. The CLI renders a :class:`Plan`; the HTML report renders its
@@ -20,17 +20,19 @@ The model, per candidate (batch 1; ``b`` = uplink Mbit/s):
   Device energy is not priced.
 
 Candidates are every (cut, defense) of the audit plus the two trivial placements: *all on the device*
-(nothing is sent, so nothing can be rebuilt from the wire: leakage 0, SSIM shown as "nothing sent") and
-*all on the server* (the raw input is sent as 8-bit pixels: leakage 1, the input itself).
+(nothing is sent, so nothing can be rebuilt from the wire: leakage 0, shown as "nothing sent") and
+*all on the server* (the raw input is sent, as 8-bit pixels or bytes: leakage 1, the input itself).
 
-Leakage is the headline SSIM of the pair's assessment (:mod:`splitaudit.assess`): the strongest
-attack's mean SSIM. A pair whose ladder is incomplete (an attack failed, did not converge, or is
-flagged as a lower bound) is *unverified*: its SSIM is only a lower bound, so it ranks and is checked
-as leakage 1.0 (the worst case), exactly as the gate fails it.
+Leakage is the headline metric of the pair's assessment (:mod:`splitaudit.assess`): the strongest
+attack's mean of the modality's headline metric (SSIM for images, token accuracy for text). A pair
+whose ladder is incomplete (an attack failed, did not converge, or is flagged as a lower bound) is
+*unverified*: its value is only a lower bound, so it ranks and is checked as leakage 1.0 (the worst
+case), exactly as the gate fails it. The leakage limit keeps the name ``max_ssim`` (the command's
+``--max-ssim``, a profile's ``[constraints]``) and applies to the headline metric, whatever it is.
 
 Recommendation: among the candidates that meet every limit, the best by the objective (default:
 lowest end-to-end latency), ties broken by cost, then leakage, then accuracy loss, then candidate
-order. The default limits are SSIM ≤ the audit's threshold and an accuracy drop of at most one point;
+order. The default limits are leakage ≤ the audit's threshold and an accuracy drop of at most one point;
 a profile's ``[constraints]`` and the command's flags replace them.
 """
 
@@ -108,7 +110,7 @@ class ServerSpec:
 
 @dataclass(frozen=True)
 class Constraints:
-    max_ssim: float | None = param(None, lo=0, lo_open=True, hi=1)
+    max_ssim: float | None = param(None, lo=0, lo_open=True, hi=1)  # the leakage limit: on the modality's headline metric
     max_latency_ms: float | None = param(None, lo=0, lo_open=True)
     max_cost: float | None = param(None, lo=0)  # per million inferences
     min_accuracy: float | None = param(None, lo=0, hi=1)
@@ -231,7 +233,7 @@ class Candidate:
     defense: str | None
     label: str
     attack: str | None  # the headline attack, "adaptive" marked
-    ssim: float | None  # measured mean SSIM of the strongest attack; None: nothing sent, or no conclusion
+    ssim: float | None  # measured mean SSIM of the strongest attack; None: nothing sent, no conclusion, or not an image audit
     ssim_ci: tuple[float, float] | None
     leakage: float  # what ranking and limits use (see the module docstring)
     verified: bool
@@ -247,6 +249,9 @@ class Candidate:
     utility_loss: float  # accuracy drop (fraction), or predictions changed when unlabelled
     notes: tuple[str, ...] = ()
     status: str | None = None  # the pair's assessment (None for the all-on-device and all-on-server placements)
+    metric: str = "ssim"  # the headline metric of the audit's modality (ssim, token_accuracy)
+    value: float | None = None  # its measured mean for the strongest attack (what ``ssim`` is for images); None as for ssim
+    value_ci: tuple[float, float] | None = None
 
     @property
     def latency_ms(self) -> float:
@@ -324,6 +329,8 @@ def candidates(result: AuditResult, profile: PlanProfile) -> tuple[list[Candidat
         notes.append(f"rows for cut(s) {', '.join(skipped)} have no cut measurements and are left out")
     pairs = [(c, d) for c, d in pairs if c in cuts]
     rows_by_pair = {p: result.rows(cut=p[0], defense=p[1]) for p in pairs}
+    info = result.headline_metric  # the leakage metric: SSIM for images, token accuracy for text
+    key, is_ssim = info.name, info.name == "ssim"
     verdicts = {p: result.assessment(*p) for p in pairs}  # the one assessment every view renders
     util_rows = {p: verdicts[p].headline or rows_by_pair[p][0] for p in pairs}
     use_acc = ref_acc is not None and all(util_rows[p].accuracy is not None for p in pairs)
@@ -369,7 +376,7 @@ def candidates(result: AuditResult, profile: PlanProfile) -> tuple[list[Candidat
 
     if dev.whole_model and have_full:
         add(placement="device", cut=None, defense=None, label="all on the device", attack=None, ssim=None, ssim_ci=None, leakage=0.0,
-            verified=True, bytes_sent=0, device_ms=device_time(full_ms, full_flops), server_ms=0.0, accuracy=ref_acc,
+            metric=key, verified=True, bytes_sent=0, device_ms=device_time(full_ms, full_flops), server_ms=0.0, accuracy=ref_acc,
             agreement=1.0, utility_loss=0.0, notes=("nothing is sent, so nothing can be rebuilt from the wire",))
     elif not dev.whole_model:
         notes.append("the profile says the device cannot run the whole model: no all-on-device placement")
@@ -383,15 +390,17 @@ def candidates(result: AuditResult, profile: PlanProfile) -> tuple[list[Candidat
         cnotes = list(verdict.problems)
         if head is None:
             cnotes.append("every attack failed: no conclusion about leakage")
-        verified = verdict.verified and _finite(head.ssim)
-        ssim = head.ssim if head is not None and _finite(head.ssim) else None
+        verified = verdict.verified and _finite(head.value(key))
+        value = float(head.value(key)) if head is not None and _finite(head.value(key)) else None
+        ci = None if head is None or head.value(f"{key}_ci") is None else tuple(head.value(f"{key}_ci"))
         if not verified:
-            cnotes.append("unverified: its SSIM is a lower bound, so it ranks and is checked as leakage 1.0")
+            cnotes.append(f"unverified: its {info.label} is a lower bound, so it ranks and is checked as leakage 1.0")
         sent = urow.bytes_per_sample if urow.bytes_per_sample is not None else c.bytes_per_sample
         lat = urow.latency_ms if _finite(urow.latency_ms) else c.head_latency_ms + max(0.0, urow.latency_overhead_ms or 0.0)
         add(placement="split", cut=cut_name, defense=defense, label=_label(cut_name, defense, short),
             attack=None if head is None else head.attack + (" (adaptive)" if head.adaptive else ""),
-            ssim=ssim, ssim_ci=None if head is None else tuple(head.ssim_ci), leakage=ssim if verified else 1.0, verified=verified,
+            ssim=value if is_ssim else None, ssim_ci=ci if is_ssim else None, metric=key, value=value, value_ci=ci,
+            leakage=value if verified else 1.0, verified=verified,
             bytes_sent=int(sent), device_ms=device_time(lat, c.head_flops, urow.latency_overhead_ms or 0.0),
             server_ms=server_time(c.tail_latency_ms, c.tail_flops), accuracy=urow.accuracy, agreement=urow.agreement,
             utility_loss=loss(urow), notes=tuple(dict.fromkeys(cnotes)), status=verdict.status)
@@ -399,10 +408,11 @@ def candidates(result: AuditResult, profile: PlanProfile) -> tuple[list[Candidat
     shape = result.data.get("shape")
     if have_full and isinstance(shape, (list, tuple)) and shape and all(isinstance(s, int) and s > 0 for s in shape):
         raw = math.prod(shape)
-        add(placement="server", cut=None, defense=None, label="all on the server (raw input sent)", attack=None, ssim=1.0,
-            ssim_ci=None, leakage=1.0, verified=True, bytes_sent=raw, device_ms=0.0, server_ms=server_time(full_ms, full_flops),
-            accuracy=ref_acc, agreement=1.0, utility_loss=0.0,
-            notes=(f"the raw input is sent ({'×'.join(map(str, shape))} 8-bit pixels, uncompressed): SSIM 1 by definition",))
+        what = f"{'×'.join(map(str, shape))} 8-bit pixels, uncompressed" if is_ssim else f"{'×'.join(map(str, shape))} bytes, uncompressed"
+        add(placement="server", cut=None, defense=None, label="all on the server (raw input sent)", attack=None, ssim=1.0 if is_ssim else None,
+            ssim_ci=None, metric=key, value=1.0, leakage=1.0, verified=True, bytes_sent=raw, device_ms=0.0,
+            server_ms=server_time(full_ms, full_flops), accuracy=ref_acc, agreement=1.0, utility_loss=0.0,
+            notes=(f"the raw input is sent ({what}): {info.label} 1 by definition",))
     else:
         notes.append("the input shape or the whole model's cost was not recorded: no all-on-the-server placement")
     return out, notes
@@ -416,6 +426,7 @@ class Limit:
     key: str  # a Constraints field
     value: float
     source: str  # default | profile | flag
+    label: str | None = None  # max_ssim: the headline metric's label (SSIM, token acc.); None: SSIM
 
 
 _METRIC = {  # key: (words, operator, "the best" phrase, formatter)
@@ -471,14 +482,17 @@ def constraints_from_flags(**flags: float | None) -> Constraints:
 
 
 def effective_limits(result: AuditResult, profile: PlanProfile, flags: Constraints) -> list[Limit]:
-    """Defaults, replaced by the profile's [constraints], replaced by the command's flags."""
+    """Defaults, replaced by the profile's [constraints], replaced by the command's flags. The leakage limit
+    (``max_ssim``) is on the result's headline metric, and says which."""
+    info = result.headline_metric
+    label = None if info.name == "ssim" else info.label
     out: dict[str, Limit] = {
-        "max_ssim": Limit("max_ssim", float(result.threshold), "default"),
+        "max_ssim": Limit("max_ssim", float(result.threshold), "default", label),
         "max_accuracy_drop": Limit("max_accuracy_drop", DEFAULT_MAX_ACCURACY_DROP, "default"),
     }
     for src, cons in (("profile", profile.constraints), ("flag", flags)):
         for k, v in cons.given().items():
-            out[k] = Limit(k, float(v), src)
+            out[k] = Limit(k, float(v), src, label if k == "max_ssim" else None)
     return [out[f.name] for f in fields(Constraints) if f.name in out]
 
 
@@ -498,10 +512,14 @@ def choose(cands: Sequence[Candidate], limits: Sequence[Limit], objective: str, 
     return min(ok, key=_order_key(objective))[0] if ok else None
 
 
+def _words(lim: Limit) -> str:
+    return lim.label if lim.key == "max_ssim" and lim.label else _METRIC[lim.key][0]
+
+
 def limit_text(lim: Limit) -> str:
-    """A limit in words: ``SSIM ≤ 0.300``."""
-    words, op, _, fmt = _METRIC[lim.key]
-    return f"{words} {op} {fmt(lim.value)}"
+    """A limit in words: ``SSIM ≤ 0.300`` (``token acc. ≤ 0.300`` on text)."""
+    _, op, _, fmt = _METRIC[lim.key]
+    return f"{_words(lim)} {op} {fmt(lim.value)}"
 
 
 def explain_unmet(cands: Sequence[Candidate], limits: Sequence[Limit], currency: str = "") -> list[str]:
@@ -527,11 +545,13 @@ def explain_unmet(cands: Sequence[Candidate], limits: Sequence[Limit], currency:
         return f"{sig(d)}{unit} over"
 
     def describe(c, v, lim):
-        words, _, phrase, fmt = _METRIC[lim.key]
+        _, _, phrase, fmt = _METRIC[lim.key]
+        words = _words(lim)
         extra = "" if c.verified else ", unverified"
         shown = fmt(v)
+        measured = c.value if c.value is not None else c.ssim
         if lim.key == "max_ssim" and not c.verified:
-            shown = f"1.000 (measured {c.ssim:.3f} is only a lower bound)" if c.ssim is not None else "1.000 (no conclusion)"
+            shown = f"1.000 (measured {measured:.3f} is only a lower bound)" if measured is not None else "1.000 (no conclusion)"
         return f"{phrase} {words} {shown} ({c.label}{extra}), {gap(lim, v)}"
 
     alone = []

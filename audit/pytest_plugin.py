@@ -9,6 +9,10 @@ The engine lives elsewhere: :func:`splitaudit.runner.run_audit` audits, :mod:`sp
                                   defenses=["noise:sigma=1"])
         assert_max_ssim(result, cut="layer2", defense="noise:sigma=1", limit=0.3)
 
+For text (``splitaudit[text]``), the headline is token accuracy: ``assert_max_token_accuracy(result, 0.3,
+cut="encoder.layer.2")`` (every defense when ``defense`` is left out, every cut when ``cut`` is). A helper
+for the other modality's metric (``assert_max_ssim`` on text results) is an error, never a pass.
+
 Options: ``--splitaudit-report=DIR`` writes the HTML report (and results.json) of every audit run in
 the session under DIR; ``--splitaudit-cache-dir`` and ``--splitaudit-no-cache`` control the cache,
 which is on by default so that reruns reuse captured activations and fitted attacks.

@@ -45,12 +45,13 @@ class ResultRow:
     defense: str
     attack: str
     adaptive: bool
-    ssim: float
-    ssim_ci: tuple[float, float]
-    psnr: float
-    psnr_ci: tuple[float, float]
-    baseline_ssim: float
-    n_eval: int
+    n_eval: int = 0
+    # The image metrics have fields of their own (None in a text audit, whose metrics are in ``metrics``).
+    ssim: float | None = None
+    ssim_ci: tuple[float, float] | None = None
+    psnr: float | None = None
+    psnr_ci: tuple[float, float] | None = None
+    baseline_ssim: float | None = None
     accuracy: float | None = None
     agreement: float | None = None
     latency_ms: float | None = None
@@ -152,12 +153,35 @@ class AuditResult:
                 out.append(r.defense)
         return out
 
+    @property
+    def modality(self):
+        """The :class:`~splitaudit.attacks.modality.Modality` the audit ran in: ``data["modality"]`` (a name, or
+        a dict with one), images when absent (results written before there was a second modality)."""
+        import splitaudit.attacks  # noqa: F401  (registers the modalities)
+        from splitaudit.attacks.modality import FALLBACK, get_modality
+
+        name = self.data.get("modality") if isinstance(self.data, dict) else None
+        if isinstance(name, dict):
+            name = name.get("name")
+        return get_modality(name or FALLBACK)
+
+    @property
+    def headline_metric(self):
+        """The :class:`~splitaudit.attacks.modality.MetricInfo` verdicts, thresholds and rankings rest on
+        (SSIM for images, token accuracy for text)."""
+        m = self.modality
+        return m.metric(m.headline)
+
     def summary(self) -> str:
         lines = [f"splitaudit results: model {self.model.get('spec')} on {self.data.get('spec')}, seed {self.seed}"]
+        info = self.headline_metric
+        nd = info.digits
         for a in self.assessments():
             h = a.headline
-            v = "n/a" if h is None else f"{h.ssim:.3f} [{h.ssim_ci[0]:.3f}, {h.ssim_ci[1]:.3f}] ({h.attack})"
-            lines.append(f"  {a.cut:<20} {a.defense:<24} SSIM {v}: {a.words}")
+            ci = None if h is None else h.value(f"{info.name}_ci")
+            v = "n/a" if h is None or a.value is None else (
+                f"{a.value:.{nd}f}" + (f" [{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]" if ci is not None else "") + f" ({h.attack})")
+            lines.append(f"  {a.cut:<20} {a.defense:<24} {info.label} {v}: {a.words}")
         return "\n".join(lines)
 
     # --- JSON --------------------------------------------------------------------------------------

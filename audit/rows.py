@@ -20,15 +20,25 @@ from splitaudit.results import ResultRow
 from splitaudit.scheduler import NOT_RUN, Scheduler
 
 
-def image_name(cut: str, defense: str, attack: str, adaptive: bool) -> str:
-    """The grid's file name (relative to results.json): readable, and unique by its hash suffix."""
+def image_name(cut: str, defense: str, attack: str, adaptive: bool, ext: str = "png") -> str:
+    """The examples' file name (relative to results.json): readable, and unique by its hash suffix."""
     name = f"{cut}__{defense}__{attack}{'__adaptive' if adaptive else ''}"
     keep = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
-    return f"images/{keep[:120]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}.png"
+    return f"images/{keep[:120]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}.{ext}"
 
 
 def _r(v: float | None, nd: int = 5) -> float | None:
     return None if v is None else round(v, nd)
+
+
+def _wire_bytes(defense, info) -> int:
+    """What the defense sends of the cut's tensor, plus the rest of a module's nest, which travels as it
+    is; a sequence sent at its actual length (text: ``sent_bytes`` below the padded size) scales with it."""
+    full = 4 * info.numel
+    sent = info.sent_bytes or full
+    if sent < full:
+        return int(round(defense.wire_bytes(info.shape) * sent / full))
+    return defense.wire_bytes(info.shape) + (sent - full)
 
 
 class RowBuilder:
@@ -57,7 +67,7 @@ class RowBuilder:
                     cut=cut, defense=spec, n_eval=s.n_eval, accuracy=_r(util.get("accuracy")), agreement=_r(util.get("agreement")),
                     **self.latency.row_fields(cut, spec), epsilon=dinfo.get("epsilon"), delta=dinfo.get("delta"),
                     # what the defense sends of the cut's tensor, plus the rest of a module's nest, which travels as it is
-                    bytes_per_sample=defense.wire_bytes(info.shape) + max(0, (info.sent_bytes or 0) - 4 * info.numel),
+                    bytes_per_sample=_wire_bytes(defense, info),
                     defense_info={**dinfo, **(fitted.info() if fitted is not None else {})},
                     **{f"baseline_{m.name}": round(float(s.baseline[m.name].mean()), m.precision) for m in s.modality.metrics},
                 )
@@ -91,6 +101,14 @@ class RowBuilder:
             v = scores.values[m.name].cpu()
             put(m.name, v, m.precision)
             put(f"{m.name}_gain", v - s.baseline[m.name], m.precision)  # paired: the same samples, the same resamples
+        for key, v in scores.values.items():  # a metric split by part (text: PII recovery by kind, "pii_recovery@2")
+            metric, sep, part = key.partition("@")
+            if sep:
+                kinds = s.dataset.kinds
+                name = kinds[int(part)] if kinds and part.isdigit() and int(part) < len(kinds) else part
+                summ = summarize(v.cpu(), resamples=s.resamples)
+                values.setdefault(f"{metric}_by_kind", {})[name] = {"mean": round(summ.mean, 5),
+                                                                    "ci": [round(summ.ci[0], 5), round(summ.ci[1], 5)]}
         put("reid_top1", scores.values["reid_top1"].cpu(), 5)
         values["reid_chance"] = round(1 / s.n_eval, 6)
         if "reid_top1_features" in scores.values:
@@ -105,13 +123,14 @@ class RowBuilder:
         # Grids for every row an attacker would pick: undefended, and adaptive under a defense. The naive
         # (non-adaptive) rows only show the gap in numbers.
         if self.want_grids and (adaptive or common["defense"] == "none"):
-            images = image_name(common["cut"], common["defense"], attack, adaptive)
+            images = image_name(common["cut"], common["defense"], attack, adaptive, modality.examples_format)
             recon = torch.zeros_like(s.x_eval)
             recon[scores.recon_idx.to(recon.device)] = scores.recon.to(recon.device)
             fixed = torch.arange(min(N_GRID, s.n_eval))
-            self.grids[images] = modality.examples(s.x_eval.cpu(), recon.cpu(), fixed=fixed, ranked=worst, values=head)
+            self.grids[images] = modality.examples(s.x_eval.cpu(), recon.cpu(), fixed=fixed, ranked=worst, values=head, data=s.dataset)
         converged = bool(report.get("converged", True))
-        flags = () if converged else ("attack did not beat the no-information guess on held-out aux data; its SSIM is a lower bound",)
+        label = modality.metric(modality.headline).label
+        flags = () if converged else (f"attack did not beat the no-information guess on held-out aux data; its {label} is a lower bound",)
         return ResultRow.make(
             attack=attack, adaptive=adaptive, **values, worst_ssim=round(float(head.max()), 5),
             worst_indices=tuple(int(i) for i in worst), converged=converged, status="ok" if converged else "not_converged",
@@ -127,10 +146,11 @@ class RowBuilder:
             # Rows built before their defense's latency was measured get it now.
             rows += [r if r.latency_ms is not None else replace(r, **self.latency.row_fields(r.cut, r.defense))
                      for r in self.by_cut[cut.name]]
-        return flag_inversions(rows)
+        m = self.s.modality
+        return flag_inversions(rows, m.headline, m.metric(m.headline).label)
 
 
-def flag_inversions(rows: list[ResultRow]) -> list[ResultRow]:
+def flag_inversions(rows: list[ResultRow], metric: str = "ssim", label: str = "SSIM") -> list[ResultRow]:
     """Rows flagged where an attack under-performed, so that its number reads as a lower bound.
 
     A deeper cut cannot carry more information than a shallower one (data processing inequality). If
@@ -146,6 +166,15 @@ def flag_inversions(rows: list[ResultRow]) -> list[ResultRow]:
     def cls(spec: str):  # the defense's declared abilities (class attributes)
         return DEFENSES.get(spec.split(":")[0])
 
+    def v(r):  # the headline metric's mean and interval (SSIM for images, token accuracy for text)
+        return r.value(metric)
+
+    def lo(r):
+        return (r.value(f"{metric}_ci") or (math.nan, math.nan))[0]
+
+    def hi(r):
+        return (r.value(f"{metric}_ci") or (math.nan, math.nan))[1]
+
     rows = list(rows)
     order: dict[str, int] = {}
     for r in rows:
@@ -159,12 +188,12 @@ def flag_inversions(rows: list[ResultRow]) -> list[ResultRow]:
     for idx in groups.values():
         for i in idx:
             ri = rows[i]
-            deeper = [rows[j] for j in idx if order[rows[j].cut] > order[ri.cut] and rows[j].ssim_ci[0] > ri.ssim_ci[1]]
+            deeper = [rows[j] for j in idx if order[rows[j].cut] > order[ri.cut] and lo(rows[j]) > hi(ri)]
             if deeper:
-                d = max(deeper, key=lambda r: r.ssim)
+                d = max(deeper, key=v)
                 flag = (
-                    f"leaks less than the deeper cut {d.cut} (SSIM {ri.ssim:.3f} < {d.ssim:.3f}): the attack here is "
-                    "likely under-trained, so read this SSIM as a lower bound"
+                    f"leaks less than the deeper cut {d.cut} ({label} {v(ri):.3f} < {v(d):.3f}): the attack here is "
+                    f"likely under-trained, so read this {label} as a lower bound"
                 )
                 rows[i] = replace(ri, flags=ri.flags + (flag,))
     for i, ri in enumerate(rows):
@@ -173,13 +202,13 @@ def flag_inversions(rows: list[ResultRow]) -> list[ResultRow]:
         better = [
             r for r in rows
             if r.cut == ri.cut and r.attack == ri.attack and r.defense != "none" and r.status == "ok"
-            and cls(r.defense) is not None and not cls(r.defense).changes_model and r.ssim_ci[0] > ri.ssim_ci[1]
+            and cls(r.defense) is not None and not cls(r.defense).changes_model and lo(r) > hi(ri)
         ]
         if better:
-            b = max(better, key=lambda r: r.ssim)
+            b = max(better, key=v)
             flag = (
-                f"leaks less undefended than under {b.defense} (SSIM {ri.ssim:.3f} < {b.ssim:.3f}): the attack on the "
-                "clean activation is likely under-trained, so read this SSIM as a lower bound"
+                f"leaks less undefended than under {b.defense} ({label} {v(ri):.3f} < {v(b):.3f}): the attack on the "
+                f"clean activation is likely under-trained, so read this {label} as a lower bound"
             )
             rows[i] = replace(rows[i], flags=rows[i].flags + (flag,))
     return rows

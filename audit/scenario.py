@@ -88,7 +88,9 @@ def split_policy(config: AuditConfig, defenses, notes: list[str]) -> str:
     the attacker get the data a victim split would have taken."""
     from splitaudit.specs import parse_model_spec
 
-    if parse_model_spec(config.model).kind == "builtin" and not config.weights:
+    from splitaudit.text_models import is_text_model
+
+    if parse_model_spec(config.model).kind == "builtin" and not config.weights and not is_text_model(config.model):
         return "victim"
     changing = [d.spec for d in defenses if d.changes_model]
     if changing:
@@ -103,7 +105,7 @@ def _attacker_data(config: AuditConfig, modality: Modality, dataset: Dataset, sp
     if config.aux_data:
         if config.aux_data == config.data:
             raise UserError("--aux-data is the evaluation data itself; leave it out to use a disjoint split of it")
-        other = modality.load_data(config.aux_data)
+        other = modality.load_data(config.aux_data, model=config.model)
         key = (data_hash(other), config.aux_queries)
         if other.shape != dataset.shape:
             raise DataError(
@@ -175,7 +177,7 @@ def build_scenario(config: AuditConfig, *, cache: Cache, reporter: Reporter, pha
     modality = modality_for(config.data)
     policy = split_policy(config, defenses, notes)
     with phase("data"):
-        dataset = modality.load_data(config.data)
+        dataset = modality.load_data(config.data, model=config.model)
         modality.check_data(dataset, config.data)
         s = config.settings
         splits = make_splits(dataset, seed=config.seed, n_eval=s["n_eval"], max_aux=s["max_aux"], policy=policy)
@@ -194,7 +196,8 @@ def build_scenario(config: AuditConfig, *, cache: Cache, reporter: Reporter, pha
     discovery = discover_cuts(model, x_eval[:2])
     if not discovery.cuts:
         raise ModelError("the model has no candidate cut: no submodule returns a tensor")
-    cuts = _cuts_as_asked(discovery, config.cuts)
+    cuts = tuple(c if (sent := modality.sent_bytes(c.shape, x_eval)) is None else replace(c, sent_bytes=sent)
+                 for c in _cuts_as_asked(discovery, config.cuts))
     clean_pred = _predict(model, x_eval, notes)
     resamples = Resamples(x_eval.shape[0], generator=job_generator(config.seed, "bootstrap"))
     prior = modality.prior(x_aux).expand_as(x_eval)

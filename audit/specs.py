@@ -20,9 +20,9 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """``builtin:NAME``, ``path/to/file.py:callable`` or ``package.module:callable``."""
+    """``builtin:NAME``, ``path/to/file.py:callable``, ``package.module:callable`` or ``hf:DIR``."""
 
-    kind: str  # "builtin" | "file" | "module"
+    kind: str  # "builtin" | "file" | "module" | "hf"
     target: str  # builtin name, file path or module path
     attr: str | None  # callable name (None for builtins)
     raw: str
@@ -33,6 +33,10 @@ def parse_model_spec(spec: str) -> ModelSpec:
     forms = "builtin:NAME, path/to/file.py:CALLABLE or package.module:CALLABLE"
     if ":" not in spec:
         raise SpecError(f"model spec {spec!r} has no ':CALLABLE' part; expected {forms}")
+    if spec.startswith("hf:"):  # a local Hugging Face model directory (the text extra)
+        if not spec[3:]:
+            raise SpecError(f"model spec {spec!r}: the directory is empty; expected hf:path/to/model_dir")
+        return ModelSpec("hf", spec[3:], None, spec)
     head, attr = spec.rsplit(":", 1)
     if head == "builtin":
         if not attr:

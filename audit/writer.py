@@ -13,8 +13,8 @@ from splitaudit.results import AuditResult, atomic_write_bytes
 
 
 def write(result: AuditResult, out: str | Path, *, report: bool = True) -> Path:
-    """Write ``result`` under ``out``: its image grids, results.json and (``report``) report.html. Returns
-    the path of results.json."""
+    """Write ``result`` under ``out``: its examples (image grids, or text tables as HTML fragments), results.json
+    and (``report``) report.html. Returns the path of results.json."""
     from splitaudit.errors import UserError
 
     out = Path(out)

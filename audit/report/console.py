@@ -42,13 +42,36 @@ SHORT = {"recognizable": "recognizable", "no_leakage_beyond_prior": "prior only"
          "no_conclusion": "no conclusion"}
 
 
+def _fmt(v, nd: int, signed: bool = False) -> str:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        return "-"
+    return f"{v:+.{nd}f}" if signed else f"{v:.{nd}f}"
+
+
+def metric_columns(modality) -> list[tuple[str, str]]:
+    """The metric columns of the audit table for ``modality``: (header, row key).
+
+    The headline metric (SSIM, token accuracy), its gain over the no-information guess and the no-information
+    guess's own score of it ("prior"); then the modality's other bounded metrics (ROUGE-L, PII recovery:
+    shares, which fit a narrow column; an unbounded one such as PSNR in dB is in the report)."""
+    head = modality.metric(modality.headline)
+    cols = [(head.label, head.name), ("gain", f"{head.name}_gain"), ("prior", f"baseline_{head.name}")]
+    cols += [(m.label, m.name) for m in modality.metrics if m.name != head.name and m.range is not None]
+    return cols
+
+
 def audit_table(result: AuditResult, width: int = 80) -> Table:
     """One line per (cut, defense): its assessment, and the numbers of the headline row it rests on (the
     strongest attack). Columns are dropped, never wrapped or cut, to fit ``width`` (80 in a CI log): the
     details (every attack, the reasons) are in the report and results.json. Defense specs are shortened
-    to their first parameter where that still tells them apart, so no two lines read alike."""
+    to their first parameter where that still tells them apart, so no two lines read alike. The metric
+    columns are the modality's (:func:`metric_columns`)."""
     from splitaudit.plan import short_defense_names
 
+    modality = result.modality
+    head_info = modality.metric(modality.headline)
+    digits = {m.name: m.digits for m in modality.metrics}
+    mcols = metric_columns(modality)
     short = short_defense_names(result.defenses())
     info = {c.name: c for c in result.cuts}
     lines, last = [], None
@@ -59,27 +82,34 @@ def audit_table(result: AuditResult, width: int = 80) -> Table:
         cells = {"cut": a.cut if a.cut != last else "", "defense": short.get(a.defense, a.defense), "verdict": (word, style)}
         last = a.cut
         if h is not None:
-            half = (h.ssim_ci[1] - h.ssim_ci[0]) / 2 if all(map(math.isfinite, h.ssim_ci)) else math.nan
+            ci = h.value(f"{head_info.name}_ci")
+            half = (ci[1] - ci[0]) / 2 if ci is not None and all(isinstance(v, (int, float)) and math.isfinite(v) for v in ci) else math.nan
             kb = h.bytes_per_sample if h.bytes_per_sample is not None else (c.bytes_per_sample if c else None)
+            for header, key in mcols:
+                base = key.removeprefix("baseline_").removesuffix("_gain")
+                cells[header] = _fmt(h.value(key), digits.get(base, 3), signed=key.endswith("_gain"))
             cells.update({
-                "SSIM": f"{h.ssim:.3f}", "±": "-" if math.isnan(half) else f"{half:.3f}",
-                "gain": "-" if h.ssim_gain is None else f"{h.ssim_gain:+.3f}",
+                "±": "-" if math.isnan(half) else f"{half:.{head_info.digits}f}",
                 "re-id": "-" if h.reid_top1 is None else f"{100 * h.reid_top1:.1f}%",
                 "acc": "-" if h.accuracy is None else f"{h.accuracy:.3f}", "KB": _kb(kb),
                 "attack": h.attack + (" adaptive" if h.adaptive else ""),
             })
         lines.append(cells)
-    cols = ["cut", "defense", "verdict", "SSIM", "gain", "re-id", "acc", "±", "KB", "attack"]
+    names = [header for header, _ in mcols]  # headline, gain, prior, the other metrics
+    # in order of importance: the verdict; the headline, its gain, identity and the prior; the other metrics; utility; the rest
+    order = ["cut", "defense", "verdict", *names[:2], "re-id", names[2], *names[3:], "acc", "±", "KB", "attack"]
+    shown = ["cut", "defense", "verdict", names[0], names[2], names[1], *names[3:], "re-id", "acc", "±", "KB", "attack"]
 
     def w(col):  # the column's width: its longest cell or its header
         return max([len(col)] + [len(x[0] if isinstance(x, tuple) else x) for ln in lines if (x := ln.get(col, "-"))])
 
     keep = []
-    for col in cols:  # in order of importance, while they fit (a column and its separator)
+    for col in order:  # in order of importance, while they fit (a column and its separator)
         if sum(w(k) + 2 for k in keep) + w(col) <= width or col in ("cut", "defense", "verdict"):
             keep.append(col)
-    t = Table(title=f"leakage by cut (SSIM threshold {result.threshold:g}; gain over the no-information guess)", title_justify="left",
-              box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0), show_edge=False, collapse_padding=True)
+    keep = [col for col in shown if col in keep]
+    t = Table(title=f"leakage by cut ({head_info.label} threshold {result.threshold:g}; gain over the no-information guess)",
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0), show_edge=False, collapse_padding=True)
     for col in keep:
         t.add_column(col, justify="left" if col in ("cut", "defense", "verdict", "attack") else "right", no_wrap=True, min_width=w(col))
     for ln in lines:
@@ -140,6 +170,11 @@ def plan_header(plan) -> list[str]:
     return lines
 
 
+def _leak_label(plan) -> str:
+    """The label of the leakage metric the plan ranks by (SSIM, token acc.): its max_ssim limit says."""
+    return next((lim.label for lim in plan.limits if lim.key == "max_ssim" and lim.label), "SSIM")
+
+
 def _limit(lim) -> str:
     from splitaudit.plan import limit_text
 
@@ -153,17 +188,19 @@ def plan_table(plan, *, show_all: bool = False) -> Table:
     shown.sort(key=lambda c: (c.latency_ms, c.cost_per_million, c.index))
     what = "every candidate" if show_all else f"the Pareto front, {len(shown)} of {len(plan.candidates)} candidates; --all lists every one"
     t = Table(title=f"placements, fastest first ({what})", title_justify="left")
-    for col in ("", "placement", "SSIM", "KB sent", "device ms", "transfer ms", "server ms", "total ms", f"{plan.profile.currency}/1M",
+    label = _leak_label(plan)
+    for col in ("", "placement", label, "KB sent", "device ms", "transfer ms", "server ms", "total ms", f"{plan.profile.currency}/1M",
                 "acc. loss", "limits"):
         t.add_column(col, justify="left" if col in ("", "placement", "limits") else "right", overflow="fold")
     for c in shown:
         mark = "★" if c.index == rec else ("◆" if c.index in front else "")
+        measured = c.value if c.value is not None else c.ssim
         if c.placement == "device":
             ssim = "nothing sent"
-        elif c.ssim is None:
+        elif measured is None:
             ssim = "no conclusion"
         else:
-            ssim = f"{c.ssim:.3f}" + ("" if c.verified else " (lower bound)")
+            ssim = f"{measured:.3f}" + ("" if c.verified else " (lower bound)")
         fails = plan.failed_limits(c)
         t.add_row(
             mark, _esc(c.label), ssim, f"{c.bytes_sent / 1024:.2f}", _sig(c.device_ms), _sig(c.transfer_ms), _sig(c.server_ms),
@@ -206,7 +243,7 @@ def print_plan(plan, console: Console | None = None, *, show_all: bool = False) 
         console.print(f"[bold green]recommendation:[/] {_esc(rec.text)}", highlight=False, soft_wrap=True)
         console.print(f"  {_sig(c.latency_ms)} ms end to end ({_sig(c.device_ms)} device + {_sig(c.transfer_ms)} transfer + "
                       f"{_sig(c.server_ms)} server), {_sig(c.cost_per_million)} {plan.profile.currency} per million inferences"
-                      + (f", SSIM {c.ssim:.3f} ({c.attack})" if c.ssim is not None and c.placement == "split" else ""),
+                      + (f", {_leak_label(plan)} {c.value:.3f} ({c.attack})" if c.value is not None and c.placement == "split" else ""),
                       markup=False, highlight=False, soft_wrap=True)
     else:
         console.print("[bold red]no recommendation:[/] " + _esc(rec.unmet[0]), highlight=False, soft_wrap=True)

@@ -2,32 +2,46 @@
 
 A privacy reviewer opens this file from disk, possibly on a machine with no network, so nothing in
 it may point outside itself. Every string that comes from the user (module names, specs, file paths,
-the command line) reaches the page only through jinja2 with autoescape on; this module never builds
-markup by hand. The only values marked safe are the data URIs this module makes itself.
+the command line) reaches the page only through jinja2 with autoescape on. The only markup that does not
+go through autoescape is the text modality's example tables (HTML fragments the audit wrote beside
+results.json, already escaped): :func:`fragment_html` rebuilds each one from a short list of tags (table
+rows and cells, ``span``) with nothing but a ``class`` attribute, and escapes every text it holds once, so
+a fragment from someone else's results folder cannot bring a script or a link into the page.
 
 The report reads the same :class:`~splitaudit.results.AuditResult` as the console and the gate, and
 renders each pair's assessment (:mod:`splitaudit.assess`): its status, words, reasons and headline row.
+Metric names, labels and digits come from the result's modality (SSIM for images, token accuracy for
+text).
 """
 
 from __future__ import annotations
 
 import base64
 import functools
+import html
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from html.parser import HTMLParser
 from typing import Any
 
 import jinja2
+from markupsafe import Markup
 
 from splitaudit.assess import Assessment
-from splitaudit.report.plots import CurvePoint, PlanPoint, TradePoint, leakage_curve, pareto_front, plan_front, tradeoff, warm_plots
+from splitaudit.report.plots import CurvePoint, Panel, PlanPoint, TradePoint, leakage_curve, pareto_front, plan_front, tradeoff, warm_plots
 from splitaudit.results import AuditResult, ResultRow, atomic_write_text
 
 TEMPLATES = Path(__file__).parent / "templates"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_IMAGE_BYTES = 4 * 1024 * 1024  # one grid; a larger file is not a grid this tool wrote
+FRAGMENT_TAGS = frozenset({"table", "thead", "tbody", "tr", "th", "td", "span", "br"})  # what an examples table may hold
+_CLASS = re.compile(r"[A-Za-z0-9_ -]{1,80}")
+# The no-information guess, and what the samples are, in words; a modality without an entry gets the generic ones.
+PRIOR_WORDS = {"image": "the mean auxiliary image", "text": "the most frequent auxiliary token at each position"}
+SAMPLE_NOUNS = {"image": "images", "text": "texts"}
 
 DPSGD_NOTE = (
     "DP-SGD bounds what the weights reveal about the training data, not what an activation reveals "
@@ -45,7 +59,7 @@ class Verdict:
     undefended: bool
     text: str  # the assessment's words
     kind: str  # leak | noleak | failed | bound (no conclusion)
-    ssim: float
+    value: float  # the headline metric (SSIM, token accuracy) of the strongest attack
     lo: float
     hi: float
     straddles: bool
@@ -65,7 +79,7 @@ class CutSummary:
 
 @dataclass(frozen=True)
 class Figure:
-    """One image grid (one result row)."""
+    """One row's examples: an image grid (a data URI) or a text table (a rebuilt fragment)."""
 
     defense: str
     attack: str
@@ -73,6 +87,8 @@ class Figure:
     row: ResultRow
     uri: str | None
     missing: str | None  # why there is no image
+    fragment: Markup | None = None  # text: the examples table, rebuilt by fragment_html
+    numbers: str = ""  # the row's metrics, in words for the title
 
 
 @dataclass
@@ -156,14 +172,130 @@ def image_uri(base: Path | None, rel: str | None) -> tuple[str | None, str | Non
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii"), None
 
 
+class _Rebuild(HTMLParser):
+    """An examples fragment rebuilt from :data:`FRAGMENT_TAGS` with only a ``class`` attribute: every other
+    tag is dropped (the content of ``script`` and ``style`` with it), every text escaped once."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)  # text arrives unescaped (&lt; is <), so escaping it once keeps it as written
+        self.out: list[str] = []
+        self.open: list[str] = []
+        self.drop = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("script", "style"):
+            self.drop += 1
+            return
+        if tag not in FRAGMENT_TAGS or self.drop:
+            return
+        cls = next((v for k, v in attrs if k == "class" and v), None)
+        attr = f' class="{cls}"' if cls is not None and _CLASS.fullmatch(cls) else ""
+        self.out.append(f"<{tag}{attr}>")
+        if tag != "br":
+            self.open.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        if tag in self.open and self.open[-1] == tag:
+            self.handle_endtag(tag)
+
+    def handle_endtag(self, tag):
+        if tag in ("script", "style"):
+            self.drop = max(0, self.drop - 1)
+            return
+        if tag in self.open:
+            while self.open:
+                t = self.open.pop()
+                self.out.append(f"</{t}>")
+                if t == tag:
+                    break
+
+    def handle_data(self, data):
+        if not self.drop:
+            self.out.append(html.escape(data, quote=False))
+
+    def result(self) -> str:
+        self.close()
+        return "".join(self.out) + "".join(f"</{t}>" for t in reversed(self.open))
+
+
+def sanitize_fragment(text: str) -> Markup:
+    """``text`` (an examples table, escaped) as markup the page can hold: the same table, nothing else."""
+    p = _Rebuild()
+    p.feed(text)
+    return Markup(p.result())
+
+
+def fragment_html(base: Path | None, rel: str | None) -> tuple[Markup | None, str | None]:
+    """(the rebuilt table, None) for a text examples fragment under ``base``, or (None, the reason there is
+    none). The same rules as :func:`image_uri`: only a file inside the results folder, of bounded size."""
+    if not rel:
+        return None, "no examples were saved for this row"
+    if base is None:
+        return None, f"examples {rel} not embedded: the report was rendered without the results folder"
+    try:
+        root = Path(base).resolve()
+        path = (root / rel).resolve()
+        if not path.is_relative_to(root):
+            return None, f"examples {rel} not embedded: their path leaves the results folder"
+        if not path.is_file():
+            return None, f"examples {rel} are missing"
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            return None, f"examples {rel} not embedded: larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MB"
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, f"examples {rel} could not be read ({exc.strerror or exc})"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, f"examples {rel} not embedded: not UTF-8 text"
+    if "<table" not in text.lower():
+        return None, f"examples {rel} not embedded: not an examples table"
+    return sanitize_fragment(text), None
+
+
+def _examples(base: Path | None, rel: str | None) -> tuple[str | None, Markup | None, str | None]:
+    """(image URI, text fragment, why neither) for a row's examples, by the file's kind."""
+    if rel and rel.lower().endswith((".html", ".htm")):
+        frag, missing = fragment_html(base, rel)
+        return None, frag, missing
+    uri, missing = image_uri(base, rel)
+    return uri, None, missing
+
+
+def _lead(row: ResultRow | None, key: str) -> tuple[float, float, float]:
+    """(mean, lo, hi) of metric ``key`` in ``row``; NaN where absent."""
+    nan = math.nan
+    if row is None:
+        return nan, nan, nan
+    v, ci = row.value(key), row.value(f"{key}_ci")
+    v = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else nan
+    if ci is None or len(ci) != 2:
+        return v, nan, nan
+    lo, hi = (float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else nan for c in ci)
+    return v, lo, hi
+
+
+def _numbers(row: ResultRow, modality) -> str:
+    """Every metric of the modality for one row, in words: the headline with its interval."""
+    parts = []
+    for m in modality.metrics:
+        v, lo, hi = _lead(row, m.name)
+        text = f"{m.label} {_num(v, m.digits)}"
+        if m.name == modality.headline and _finite(lo) and _finite(hi):
+            text += f" [{_num(lo, m.digits)}, {_num(hi, m.digits)}]"
+        parts.append(text)
+    return " · ".join(parts)
+
+
 def _verdict(result: AuditResult, a: Assessment, *, undefended: bool, ref_acc: float | None) -> Verdict:
     thr = result.threshold
     row = a.headline
     if row is None:
         nan = math.nan
-        return Verdict(cut=a.cut, defense=a.defense, undefended=undefended, text=a.words, kind="failed", ssim=nan, lo=nan, hi=nan,
+        return Verdict(cut=a.cut, defense=a.defense, undefended=undefended, text=a.words, kind="failed", value=nan, lo=nan, hi=nan,
                        straddles=False, attack="", reasons=a.reasons)
-    lo, hi = row.ssim_ci
+    value, lo, hi = _lead(row, a.metric)
     acc_note = ""
     if not undefended and row.accuracy is not None:
         acc_note = f"accuracy {_pct(row.accuracy)}"
@@ -171,16 +303,19 @@ def _verdict(result: AuditResult, a: Assessment, *, undefended: bool, ref_acc: f
             acc_note += f" ({100 * (row.accuracy - ref_acc):+.1f} points)".replace("-", "−")
     return Verdict(
         cut=row.cut, defense=row.defense, undefended=undefended, text=a.words, kind=_kind(a),
-        ssim=row.ssim, lo=lo, hi=hi,
+        value=value, lo=lo, hi=hi,
         straddles=_finite(lo) and _finite(hi) and lo <= thr < hi, attack=_attack_name(row), accuracy_note=acc_note,
-        reasons=a.reasons if a.status in ("no_conclusion", "no_leakage_beyond_prior") else (), identity=_identity(row),
+        reasons=a.reasons if a.status in ("no_conclusion", "no_leakage_beyond_prior") else (),
+        identity=_identity(row, result.headline_metric),
     )
 
 
-def _identity(row: ResultRow) -> str:
+def _identity(row: ResultRow, info=None) -> str:
+    key, label, nd = (info.name, info.label, info.digits) if info is not None else ("ssim", "SSIM", 3)
     parts = []
-    if row.ssim_gain is not None and row.ssim_gain_ci is not None:
-        parts.append(f"SSIM gain over the no-information guess {row.ssim_gain:+.3f} [{row.ssim_gain_ci[0]:+.3f}, {row.ssim_gain_ci[1]:+.3f}]")
+    gain, (_, glo, ghi) = row.value(f"{key}_gain"), _lead(row, f"{key}_gain")
+    if isinstance(gain, (int, float)) and _finite(glo) and _finite(ghi):
+        parts.append(f"{label} gain over the no-information guess {gain:+.{nd}f} [{glo:+.{nd}f}, {ghi:+.{nd}f}]")
     if row.reid_top1 is not None and row.reid_chance:
         parts.append(f"{100 * row.reid_top1:.1f}% of the inputs re-identified among {row.n_eval} (chance {100 * row.reid_chance:.2f}%)")
     judge, chance = row.metrics.get("judge_accuracy"), row.metrics.get("attack_chance")
@@ -202,7 +337,7 @@ def _reference_accuracy(result: AuditResult, cut: str, row: ResultRow | None = N
     return None
 
 
-def _plan_view(plan: Any, threshold: float) -> dict[str, Any] | None:
+def _plan_view(plan: Any, threshold: float, metric_label: str = "SSIM") -> dict[str, Any] | None:
     """The planning section, from the plan stored in results.json (a dict, so tolerant of missing keys)."""
     if not isinstance(plan, dict) or not isinstance(plan.get("candidates"), list):
         return None
@@ -220,14 +355,15 @@ def _plan_view(plan: Any, threshold: float) -> dict[str, Any] | None:
     rows = []
     for c in cands:
         idx = c.get("index")
+        measured = c.get("value", c.get("ssim"))  # the headline metric; plans written before text named it ssim
         if c.get("placement") == "device":
-            ssim = "nothing sent"
-        elif not isinstance(c.get("ssim"), (int, float)):
-            ssim = "no conclusion"
+            leak = "nothing sent"
+        elif not isinstance(measured, (int, float)) or isinstance(measured, bool):
+            leak = "no conclusion"
         else:
-            ssim = _num(c["ssim"]) + ("" if c.get("verified", True) else " (lower bound)")
+            leak = _num(measured) + ("" if c.get("verified", True) else " (lower bound)")
         rows.append({
-            "label": str(c.get("label", "")), "placement": str(c.get("placement", "split")), "ssim": ssim, "kb": _kb(c.get("bytes_sent")), "device_ms": f(c, "device_ms"),
+            "label": str(c.get("label", "")), "placement": str(c.get("placement", "split")), "value": leak, "kb": _kb(c.get("bytes_sent")), "device_ms": f(c, "device_ms"),
             "transfer_ms": f(c, "transfer_ms"), "server_ms": f(c, "server_ms"), "latency_ms": f(c, "latency_ms"),
             "cost": f(c, "cost_per_million"), "loss": f(c, "utility_loss"), "accuracy": c.get("accuracy"),
             "fails": [str(x) for x in c.get("fails") or []], "pareto": idx in front, "recommended": idx is not None and idx == rec_index,
@@ -240,7 +376,7 @@ def _plan_view(plan: Any, threshold: float) -> dict[str, Any] | None:
                   pareto=c.get("index") in front, recommended=c.get("index") is not None and c.get("index") == rec_index)
         for c in cands
     ]
-    plot = plan_front(points, threshold=threshold, currency=currency) if any(math.isfinite(p.latency_ms) for p in points) else None
+    plot = plan_front(points, threshold=threshold, currency=currency, metric_label=metric_label) if any(math.isfinite(p.latency_ms) for p in points) else None
     sens = []
     ivs = [i for i in plan.get("sensitivity") or [] if isinstance(i, dict)]
     for k, iv in enumerate(ivs):
@@ -291,6 +427,9 @@ def _sig3(v: Any) -> str:
 def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str, Any]:
     """Everything the template shows, as plain data; the template only lays it out."""
     thr = result.threshold
+    modality = result.modality
+    hm = modality.metric(modality.headline)  # what verdicts, plots and rankings rest on
+    lead = hm.name
     cut_names = [c.name for c in result.cuts]
     for r in result.results:  # rows for a cut the cuts list does not name still show up
         if r.cut not in cut_names:
@@ -322,7 +461,13 @@ def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str,
     n_leak_best = sum(1 for s in summaries if s.best and s.best.kind == "leak")
     n_best = sum(1 for s in summaries if s.best)
 
-    # 2. leakage curve: headline rows by cut position
+    # 2. leakage curve: headline rows by cut position; one panel for the headline metric (with the threshold)
+    # and one for the modality's next metric (PSNR for images, ROUGE-L for text)
+    curve_metrics = [hm] + [m for m in modality.metrics if m.name != lead][:1]
+
+    def baseline(key: str) -> float | None:
+        return next((float(v) for r in result.results if _finite(v := r.value(f"baseline_{key}"))), None)
+
     series: dict[str, list[CurvePoint]] = {}
     headlines: list[ResultRow] = []
     for d in defenses:
@@ -331,10 +476,38 @@ def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str,
             if h is None:
                 continue
             headlines.append(h)
-            series.setdefault(d, []).append(CurvePoint(pos, h.ssim, *h.ssim_ci, h.psnr, *h.psnr_ci))
-    base_ssim = next((r.baseline_ssim for r in result.results if _finite(r.baseline_ssim)), None)
-    base_psnr = next((r.baseline_psnr for r in result.results if _finite(r.baseline_psnr)), None)
-    curve_uri = leakage_curve(cut_names, series, threshold=thr, baseline_ssim=base_ssim, baseline_psnr=base_psnr) if series else None
+            series.setdefault(d, []).append(CurvePoint(pos, {m.name: _lead(h, m.name) for m in curve_metrics}))
+    base_values = [baseline(m.name) for m in curve_metrics]
+    panels = [
+        Panel(m.name, f"{m.label} (higher = more recovered)", f"{m.label} by cut, mean and 95% interval",
+              threshold=thr if m.name == lead else None, baseline=b, bounded=m.range)
+        for m, b in zip(curve_metrics, base_values)
+    ]
+    curve_uri = leakage_curve(cut_names, series, panels=panels) if series else None
+    base_lead = base_values[0]
+    second = {"label": curve_metrics[1].label, "digits": curve_metrics[1].digits, "base": base_values[1]} if len(curve_metrics) > 1 else None
+
+    # 2b. metrics split by kind (text: PII recovery by kind of span), headline rows only
+    by_kind = []
+    for m in modality.metrics:
+        key = f"{m.name}_by_kind"
+        lines = [(h, h.value(key)) for h in headlines if isinstance(h.value(key), dict) and h.value(key)]
+        if not lines:
+            continue
+        kinds = list(dict.fromkeys(k for _, d in lines for k in d))
+        table = []
+        for h, d in lines:
+            cells = []
+            for k in kinds:
+                e = d.get(k)
+                if isinstance(e, dict) and _finite(e.get("mean")):
+                    ci = e.get("ci") or [None, None]
+                    cells.append(_num(e["mean"], m.digits) + (f" [{_num(ci[0], m.digits)}, {_num(ci[1], m.digits)}]" if len(ci) == 2 and
+                                                              all(_finite(c) for c in ci) else ""))
+                else:
+                    cells.append("n/a")
+            table.append({"cut": h.cut, "defense": h.defense, "attack": _attack_name(h), "cells": cells})
+        by_kind.append({"label": m.label, "kinds": [str(k) for k in kinds], "rows": table})
 
     # 3. trade-off: headline rows; utility loss = accuracy drop, or disagreement without labels
     use_acc = all(h.accuracy is not None and _reference_accuracy(result, h.cut, h) is not None for h in headlines)
@@ -350,15 +523,16 @@ def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str,
             over = math.nan
         else:
             over = max(0.0, h.latency_overhead_ms)  # below zero is timing noise
-        trade.append(TradePoint(label=f"{h.cut} / {h.defense}", defense=h.defense, ssim=h.ssim, utility_loss=loss, overhead_ms=over))
+        trade.append(TradePoint(label=f"{h.cut} / {h.defense}", defense=h.defense, leakage=_lead(h, lead)[0], utility_loss=loss,
+                                overhead_ms=over))
     # What a (cut, defense) pair costs beyond the split itself: leakage, utility, device time.
-    front = set(pareto_front([(p.ssim, p.utility_loss, p.overhead_ms) for p in trade]))
+    front = set(pareto_front([(p.leakage, p.utility_loss, p.overhead_ms) for p in trade]))
     trade = [TradePoint(**{**p.__dict__, "pareto": i in front}) for i, p in enumerate(trade)]
     utility_label = "accuracy drop vs the undefended model (points)" if use_acc else "predictions changed vs the undefended model (%)"
-    trade_uri = tradeoff(trade, threshold=thr, defenses=defenses, utility_label=utility_label) if trade else None
+    trade_uri = tradeoff(trade, threshold=thr, defenses=defenses, utility_label=utility_label, metric_label=hm.label) if trade else None
     pareto_rows = [(p, h) for p, h in zip(trade, headlines) if p.pareto]
 
-    # 4. image grids: every row, the headline first
+    # 4. examples: every row, the headline first (image grids, or text tables)
     grids: list[CutGrids] = []
     for cut in cut_names:
         g = CutGrids(cut)
@@ -366,8 +540,9 @@ def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str,
             h = result.headline(cut, d)
             rows = sorted(result.rows(cut=cut, defense=d), key=lambda r: (r is not h, r.attack, r.adaptive))
             for r in rows:
-                uri, missing = image_uri(base, r.images)
-                g.figures.append(Figure(defense=d, attack=_attack_name(r), headline=r is h, row=r, uri=uri, missing=missing))
+                uri, frag, missing = _examples(base, r.images)
+                g.figures.append(Figure(defense=d, attack=_attack_name(r), headline=r is h, row=r, uri=uri, missing=missing, fragment=frag,
+                                        numbers=_numbers(r, modality)))
         if g.figures:
             grids.append(g)
 
@@ -389,8 +564,8 @@ def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str,
                 ad = [r for r in rows if r.attack == attack and r.adaptive and r.status != "failed"]
                 na = [r for r in rows if r.attack == attack and not r.adaptive and r.status != "failed"]
                 if ad and na:
-                    gaps.append({"cut": cut, "defense": d, "attack": attack, "plain": na[0].ssim, "adaptive": ad[0].ssim,
-                                 "gap": ad[0].ssim - na[0].ssim})
+                    plain, adaptive = _lead(na[0], lead)[0], _lead(ad[0], lead)[0]
+                    gaps.append({"cut": cut, "defense": d, "attack": attack, "plain": plain, "adaptive": adaptive, "gap": adaptive - plain})
     dp = []
     for d in defenses:
         r = next((r for r in result.rows(defense=d) if r.defense.split(":")[0] == "dpsgd" or r.epsilon is not None), None)
@@ -421,14 +596,29 @@ def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str,
         import shlex
 
         command = shlex.join(str(a) for a in command)
-    repro_run = [("created", result.created), ("seed", result.seed), ("threshold (SSIM)", _num(thr, 2))]
+    repro_run = [("created", result.created), ("seed", result.seed), ("modality", modality.name), (f"threshold ({hm.label})", _num(thr, 2))]
     repro_run += [(k, _value(v)) for k, v in cfg.items() if k != "threshold"]
+
+    def lead_text(row: ResultRow) -> str:
+        v, lo, hi = _lead(row, lead)
+        return _num(v, hm.digits) + (f" [{_num(lo, hm.digits)}, {_num(hi, hm.digits)}]" if _finite(lo) and _finite(hi) else "")
 
     return {
         "r": result,
         "kind_of": lambda row: _kind(verdicts[(row.cut, row.defense)]),
         "words_of": lambda row: verdicts[(row.cut, row.defense)].words,
-        "plan": _plan_view(result.plan, thr),
+        "lead_of": lambda row: _lead(row, lead)[0],
+        "lead_text": lead_text,
+        "label": hm.label,
+        "nd": hm.digits,
+        "modality": modality.name,
+        "examples_format": modality.examples_format,
+        "prior_words": PRIOR_WORDS.get(modality.name, "the no-information guess"),
+        "samples": SAMPLE_NOUNS.get(modality.name, "samples"),
+        "threshold_origin": "He et al. 2019’s level, configurable" if lead == "ssim" else "configurable",
+        "second": second,
+        "by_kind": by_kind,
+        "plan": _plan_view(result.plan, thr, hm.label),
         "threshold": thr,
         "cut_names": cut_names,
         "defenses": defenses,
@@ -441,8 +631,7 @@ def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str,
         "cut_bytes": {c: (cut_info[c].bytes_per_sample if c in cut_info else None) for c in cut_names},
         "utility_label": utility_label,
         "use_acc": use_acc,
-        "base_ssim": base_ssim,
-        "base_psnr": base_psnr,
+        "base_lead": base_lead,
         "grids": grids,
         "costs": costs,
         "gaps": gaps,

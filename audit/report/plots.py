@@ -47,15 +47,22 @@ from splitaudit.plan import pareto_front  # noqa: E402,F401  (re-exported: the r
 # --- plot inputs -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CurvePoint:
-    """One (cut, defense) headline number on the leakage curve."""
+    """One (cut, defense) headline row on the leakage curve: each panel's metric as (mean, lo, hi)."""
 
     cut_pos: int  # position of the cut in execution order
-    ssim: float
-    ssim_lo: float
-    ssim_hi: float
-    psnr: float
-    psnr_lo: float
-    psnr_hi: float
+    values: dict[str, tuple[float, float, float]]
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One panel of the leakage curve: a metric of the modality (the headline first, with the threshold)."""
+
+    key: str  # the row key: ssim, psnr, token_accuracy, ...
+    ylabel: str
+    title: str
+    threshold: float | None = None  # drawn on this panel (the headline's)
+    baseline: float | None = None  # the no-information guess's score
+    bounded: tuple[float, float] | None = None  # the metric's range: the axis runs from min(0, the data) to its top
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ class TradePoint:
 
     label: str
     defense: str
-    ssim: float
+    leakage: float  # the headline metric of the strongest attack (SSIM, token accuracy)
     utility_loss: float  # accuracy drop (or disagreement) in percentage points
     overhead_ms: float  # the defense's latency overhead on the device (batch 1); timing noise below 0 counts as 0
     pareto: bool = False
@@ -100,56 +107,54 @@ def leakage_curve(
     cuts: Sequence[str],
     series: dict[str, list[CurvePoint]],
     *,
-    threshold: float,
-    baseline_ssim: float | None = None,
-    baseline_psnr: float | None = None,
+    panels: Sequence[Panel],
 ) -> str:
-    """SSIM and PSNR by cut in execution order, one line per defense with its 95% interval band."""
+    """Each panel's metric by cut in execution order, one line per defense with its 95% interval band; the
+    threshold on the panels that have one, the no-information baseline on each."""
     colors = colors_for(list(series))
     with plt.rc_context(_RC):
         width = min(11.0, max(7.5, 0.55 * len(cuts) * 2 + 2))
         rotate = len(cuts) > 4 or max((len(c) for c in cuts), default=0) > 10
-        n_legend = len(series) + 1 + _finite(baseline_ssim)
+        n_legend = len(series) + 1 + any(_finite(p.baseline) for p in panels[:1])
         legend_in = 0.25 * math.ceil(n_legend / 6)
         height = (3.5 if rotate else 3.1) + legend_in
-        fig, (ax_s, ax_p) = plt.subplots(1, 2, figsize=(width, height))
+        fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
+        axes = list(axes[0])
         # Fixed margins, not a layout engine: each engine pass redraws every text, which doubles the time.
         fig.subplots_adjust(left=0.07, right=0.985, top=1 - 0.3 / height, bottom=((0.9 if rotate else 0.55) + legend_in) / height, wspace=0.22)
         x = list(range(len(cuts)))
         for defense, pts in series.items():
             pts = sorted(pts, key=lambda p: p.cut_pos)
             c = colors[defense]
-            for ax, key in ((ax_s, "ssim"), (ax_p, "psnr")):
-                xs = [p.cut_pos for p in pts if _finite(getattr(p, key))]
-                ys = [getattr(p, key) for p in pts if _finite(getattr(p, key))]
-                lo = [getattr(p, key + "_lo") for p in pts if _finite(getattr(p, key))]
-                hi = [getattr(p, key + "_hi") for p in pts if _finite(getattr(p, key))]
-                if not xs:
+            for ax, panel in zip(axes, panels):
+                have = [(p.cut_pos, p.values[panel.key]) for p in pts if panel.key in p.values and _finite(p.values[panel.key][0])]
+                if not have:
                     continue
+                xs = [pos for pos, _ in have]
+                ys, lo, hi = ([v[i] for _, v in have] for i in range(3))
                 ax.plot(xs, ys, marker="o", ms=4, lw=1.6, color=c, label=defense)
                 if all(_finite(v) for v in lo + hi):
                     ax.fill_between(xs, lo, hi, color=c, alpha=0.18, lw=0)
-        ax_s.axhline(threshold, color="#b00020", ls="--", lw=1.2, label=f"threshold {threshold:.2f}")
-        if _finite(baseline_ssim):
-            ax_s.axhline(baseline_ssim, color="#777777", ls=":", lw=1.2, label="no-information baseline")
-        if _finite(baseline_psnr):
-            ax_p.axhline(baseline_psnr, color="#777777", ls=":", lw=1.2, label="no-information baseline")
-        ax_s.set_ylim(min(0.0, ax_s.get_ylim()[0]), 1.0)
-        ax_s.set_ylabel("SSIM (higher = more recognizable)")
-        ax_p.set_ylabel("PSNR dB (higher = closer)")
-        for ax in (ax_s, ax_p):
+        for ax, panel in zip(axes, panels):
+            if panel.threshold is not None:
+                ax.axhline(panel.threshold, color="#b00020", ls="--", lw=1.2, label=f"threshold {panel.threshold:.2f}")
+            if _finite(panel.baseline):
+                ax.axhline(panel.baseline, color="#777777", ls=":", lw=1.2, label="no-information baseline")
+            if panel.bounded is not None:
+                ax.set_ylim(min(0.0, ax.get_ylim()[0]), panel.bounded[1])
+            ax.set_ylabel(panel.ylabel)
             ax.set_xticks(x, [_short(c) for c in cuts], rotation=35 if rotate else 0, ha="right" if rotate else "center",
                           rotation_mode="anchor")
             ax.set_xlabel("cut, in execution order (input side → output side)")
             ax.set_xlim(-0.4, max(0.4, len(cuts) - 0.6))
-        ax_s.set_title("SSIM by cut, mean and 95% interval", fontsize=9)
-        ax_p.set_title("PSNR by cut, mean and 95% interval", fontsize=9)
-        handles, labels = ax_s.get_legend_handles_labels()
+            ax.set_title(panel.title, fontsize=9)
+        handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
         return _to_uri(fig)
 
 
-def tradeoff(points: Sequence[TradePoint], *, threshold: float, defenses: Sequence[str], utility_label: str) -> str:
+def tradeoff(points: Sequence[TradePoint], *, threshold: float, defenses: Sequence[str], utility_label: str,
+             metric_label: str = "SSIM") -> str:
     """Leakage against utility loss (left) and against the defense's latency overhead (right).
 
     Pareto-optimal pairs are ringed and named in both panels, so a reader can follow one pair across.
@@ -160,15 +165,15 @@ def tradeoff(points: Sequence[TradePoint], *, threshold: float, defenses: Sequen
         fig, (ax_u, ax_l) = plt.subplots(1, 2, figsize=(10.0, height))
         fig.subplots_adjust(left=0.07, right=0.985, top=1 - 0.3 / height, bottom=0.85 / height, wspace=0.2)
         for d in defenses:
-            pts = [p for p in points if p.defense == d and _finite(p.ssim)]
+            pts = [p for p in points if p.defense == d and _finite(p.leakage)]
             if not pts:
                 continue
-            ax_u.scatter([p.utility_loss for p in pts], [p.ssim for p in pts], s=30, color=colors[d], alpha=0.85, label=d, zorder=3)
-            ax_l.scatter([p.overhead_ms for p in pts], [p.ssim for p in pts], s=30, color=colors[d], alpha=0.85, zorder=3)
+            ax_u.scatter([p.utility_loss for p in pts], [p.leakage for p in pts], s=30, color=colors[d], alpha=0.85, label=d, zorder=3)
+            ax_l.scatter([p.overhead_ms for p in pts], [p.leakage for p in pts], s=30, color=colors[d], alpha=0.85, zorder=3)
         front = [p for p in points if p.pareto]
         for ax, xkey in ((ax_u, "utility_loss"), (ax_l, "overhead_ms")):
             ax.axhline(threshold, color="#b00020", ls="--", lw=1.2, label=f"threshold {threshold:.2f}" if ax is ax_u else None)
-            ax.scatter([getattr(p, xkey) for p in front], [p.ssim for p in front], s=130, facecolors="none", edgecolors="#111111",
+            ax.scatter([getattr(p, xkey) for p in front], [p.leakage for p in front], s=130, facecolors="none", edgecolors="#111111",
                        lw=1.2, zorder=4, label="Pareto-optimal" if ax is ax_u else None)
             ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.05)
             xs = [getattr(p, xkey) for p in points if _finite(getattr(p, xkey))]
@@ -179,9 +184,9 @@ def tradeoff(points: Sequence[TradePoint], *, threshold: float, defenses: Sequen
             for p in front:  # labels point inwards so they stay inside the axes
                 x = getattr(p, xkey)
                 right = x > mid and hi > lo
-                ax.annotate(_short(p.label, 24), (x, p.ssim), xytext=(-7 if right else 7, 4), textcoords="offset points",
+                ax.annotate(_short(p.label, 24), (x, p.leakage), xytext=(-7 if right else 7, 4), textcoords="offset points",
                             ha="right" if right else "left", fontsize=7, color="#333333")
-            ax.set_ylabel("SSIM of the strongest attack")
+            ax.set_ylabel(f"{metric_label} of the strongest attack")
         ax_u.set_xlabel(utility_label)
         ax_l.set_xlabel("defense latency overhead on the device, batch 1 (ms)")
         ax_u.set_title("leakage vs utility loss", fontsize=9)
@@ -209,7 +214,7 @@ class PlanPoint:
     recommended: bool
 
 
-def plan_front(points: Sequence[PlanPoint], *, threshold: float, currency: str) -> str:
+def plan_front(points: Sequence[PlanPoint], *, threshold: float, currency: str, metric_label: str = "SSIM") -> str:
     """Leakage against end-to-end latency (left, log scale) and against cost (right); the front ringed, the pick starred."""
     with plt.rc_context(_RC):
         height = 4.5
@@ -236,7 +241,7 @@ def plan_front(points: Sequence[PlanPoint], *, threshold: float, currency: str) 
                        label="recommended" if ax is ax_l else None)
             ax.axhline(threshold, color="#b00020", ls="--", lw=1.2, label=f"threshold {threshold:.2f}" if ax is ax_l else None)
             ax.set_ylim(-0.05, 1.08)
-            ax.set_ylabel("leakage (SSIM of the strongest attack)")
+            ax.set_ylabel(f"leakage ({metric_label} of the strongest attack)")
             xs = [getattr(p, xkey) for p in points if _finite(getattr(p, xkey))]
             if xkey == "latency_ms" and xs and min(xs) > 0:
                 ax.set_xscale("log")

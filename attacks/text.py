@@ -1,0 +1,307 @@
+"""The text modality: token-level leakage from a split transformer's hidden states.
+
+What the attacker rebuilds is the token sequence. Scores are per sample and higher means more leakage
+(:mod:`splitaudit.text_metrics`): ``token_accuracy`` (the headline), ``rouge_l``, ``exact_match`` and
+``pii_recovery`` (planted spans whose every token came back, also by kind). The no-information guess
+is the most frequent aux token at each position.
+
+The learned inverter (the ``decoder`` attack on text) follows the inverters of split-LLM attacks
+(BiSR, Chen et al., CCS'24, arXiv 2409.00960; and Song and Raghunathan, CCS'20, for embeddings): a
+position-wise projection of the hidden state, a convolution over neighbouring positions (a token's
+hidden state at a deep block is spread over its neighbours), and a classifier over the attacker's
+vocabulary, the tokens that occur in its own aux texts (a token it never saw it cannot name). It
+trains in bfloat16 where the hardware has it (AMX here: the classifier's matmuls 2-5x faster). For
+the pooled sentence embedding, a dense stem first unfolds the vector into one feature per position:
+a non-autoregressive sequence decoder (vec2text, Morris et al. 2023, refines such a guess iteratively
+with the encoder; that is not done here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import html
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitaudit.attacks.modality import MetricInfo, Modality, register_modality
+from splitaudit.errors import DataError
+
+PAD = -2
+SMOOTHING = 0.1  # label smoothing: validation loss then tracks token accuracy (without it, it rises while accuracy still climbs)
+CHUNK = 64  # sequences per inference step (logits of 64 x L x vocabulary floats at a time)
+
+
+@register_modality
+class TextModality(Modality):
+    name = "text"
+    metrics = (
+        MetricInfo("token_accuracy", "token acc.", 3, 5, (0.0, 1.0)),
+        MetricInfo("rouge_l", "ROUGE-L", 3, 5, (0.0, 1.0)),
+        MetricInfo("exact_match", "exact", 3, 5, (0.0, 1.0)),
+        MetricInfo("pii_recovery", "PII rec.", 3, 5, (0.0, 1.0)),
+    )
+    headline = "token_accuracy"
+    examples_format = "html"
+
+    # -- data --
+    def claims(self, data_spec: str) -> bool:
+        from splitaudit.text_data import claims
+
+        return claims(data_spec)
+
+    def load_data(self, spec: str, *, model: str | None = None):
+        from splitaudit.data import Dataset
+        from splitaudit.text_data import encode, load_records
+        from splitaudit.text_models import tokenizer_for
+
+        from splitaudit.text_models import is_text_model
+
+        if model is None or not is_text_model(model):
+            raise DataError(f"{spec!r} is text data: it needs a text model (builtin:minilm or hf:DIR), whose tokenizer reads it, "
+                            f"not {model!r}")
+        tok = tokenizer_for(model)
+        records, license = load_records(spec)
+        x, kinds, y = encode(records, tok)
+        classes = tuple(str(c) for c in range(int(y.max()) + 1)) if y is not None else None
+        vocab = tuple(tok.convert_ids_to_tokens(list(range(len(tok)))))
+        return Dataset(spec=spec, x=x, y=y, classes=classes, license=license, vocab=vocab, kinds=kinds)
+
+    def check_data(self, dataset, spec: str) -> None:
+        if int((dataset.x[:, 1] >= 0).sum()) == 0:
+            raise DataError(f"{spec!r}: no sample has a token to recover (every position is padding or special)")
+
+    # -- scoring --
+    def score(self, recon, x):
+        from splitaudit import text_metrics as tm
+
+        pii, by_kind = tm.pii_recovery(recon, x, num_kinds=15)
+        out = {"token_accuracy": tm.token_accuracy(recon, x), "rouge_l": tm.rouge_l(recon, x),
+               "exact_match": tm.exact_match(recon, x), "pii_recovery": pii}
+        out.update({f"pii_recovery@{k}": v for k, v in by_kind.items()})
+        return out
+
+    def prior(self, x_aux):
+        from splitaudit.text_metrics import most_frequent_prior
+
+        return most_frequent_prior(x_aux)
+
+    def selection(self, recon, x):
+        from splitaudit.text_metrics import token_accuracy
+
+        return "token_accuracy", token_accuracy(recon, x)
+
+    def features(self, x):
+        from splitaudit.text_metrics import bag_of_tokens
+
+        return bag_of_tokens(x)
+
+    def reid_features(self, recon, x):
+        """Bags of tokens; a reconstruction's over its original's positions (the length of what is sent is
+        visible on the wire, so the attacker knows which positions are padding)."""
+        from splitaudit.text_metrics import bag_of_tokens
+
+        return bag_of_tokens(recon, mask=x), bag_of_tokens(x)
+
+    def judge(self, input_shape, num_classes):
+        return None  # no independent text classifier: attack accuracy is not measured on text
+
+    def sent_bytes(self, shape: tuple[int, ...], x_eval: torch.Tensor) -> int | None:
+        """A sequence of hidden states is sent at its actual length, not padded: mean tokens x width x 4 bytes."""
+        if len(shape) == 2:
+            length = float((x_eval[:, 1] != PAD).sum(dim=1).float().mean())
+            return int(round(length * shape[1] * 4))
+        return None
+
+    # -- the decoder attack --
+    def decoder_kwargs(self, x_train: torch.Tensor) -> dict:
+        ids = x_train[:, 0][x_train[:, 1] != PAD]
+        return {"vocab": torch.unique(ids).cpu()}
+
+    def decoder(self, act_shape, input_shape, *, width, full_res, vocab=None):
+        if vocab is None:
+            raise ValueError("the text inverter needs the attacker's vocabulary")
+        return TextInverter(tuple(act_shape), tuple(input_shape), width=width, vocab=vocab)
+
+    def training_loss(self, model, u, x):
+        return model.loss(u, x)
+
+    def prior_loss(self, x_train, x_val) -> float:
+        """Cross-entropy of the no-information guess's distribution (each position's aux token frequencies,
+        add-one smoothed over the attacker's vocabulary) on held-out aux texts."""
+        vocab = torch.unique(x_train[:, 0][x_train[:, 1] != PAD])
+        lookup = _lookup(vocab, max(int(x_train[:, 0].max()), int(x_val[:, 0].max())) + 1)
+        L = x_train.shape[-1]
+        counts = torch.ones(L, vocab.numel())
+        valid = x_train[:, 1] != PAD
+        pos = torch.arange(L).expand_as(valid)
+        counts.index_put_((pos[valid], lookup[x_train[:, 0][valid]]), torch.ones(int(valid.sum())), accumulate=True)
+        logp = (counts / counts.sum(dim=1, keepdim=True)).log()
+        vv = (x_val[:, 1] != PAD) & (lookup[x_val[:, 0]] >= 0)
+        pv = torch.arange(L).expand_as(vv)
+        return float(-logp[pv[vv], lookup[x_val[:, 0][vv]]].mean()) if vv.any() else float("nan")
+
+    def budget(self, profile: str):
+        from splitaudit.attacks.decoder import Budget
+
+        return TEXT_BUDGETS[profile](Budget)
+
+    # -- views --
+    def examples(self, x, recon, *, fixed, ranked, values, data=None) -> bytes:
+        return examples_html(x, recon, fixed=fixed, ranked=ranked, values=values, data=data).encode()
+
+
+TEXT_BUDGETS = {  # (width, epochs, patience, restarts, extensions, batch, lr), and at least min_steps steps per run
+    "quick": lambda B: B(256, 4, 1, 0, 0, 64, 3e-3, min_steps=120),
+    "standard": lambda B: B(384, 8, 3, 1, 1, 64, 2e-3, min_steps=180),
+    "thorough": lambda B: B(512, 30, 4, 2, 2, 32, 1e-3, min_steps=600),
+}
+
+
+def _fast(t: torch.Tensor):
+    """bfloat16 autocast where the hardware multiplies in it (a CPU with AVX-512 BF16 or AMX, a CUDA GPU):
+    the inverter's matmuls, its whole cost, run 2-5x faster; the loss stays float32. Elsewhere float32."""
+    if t.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if t.device.type == "cpu" and _cpu_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _lookup(vocab: torch.Tensor, size: int) -> torch.Tensor:
+    """id -> class index in ``vocab`` (-1 for an id outside it)."""
+    table = torch.full((max(size, int(vocab.max()) + 1 if vocab.numel() else 1),), -1, dtype=torch.int64)
+    table[vocab] = torch.arange(vocab.numel())
+    return table
+
+
+class TextInverter(nn.Module):
+    """Hidden states (N, L, d) or a pooled vector (N, d) -> per-position features -> token classes."""
+
+    def __init__(self, act_shape: tuple[int, ...], input_shape: tuple[int, ...], *, width: int, vocab: torch.Tensor):
+        super().__init__()
+        self.L = int(input_shape[-1])
+        self.vocab = vocab.to(torch.int64).cpu()  # a plain attribute: saved with the attack's state, not the weights
+        self._table: torch.Tensor | None = None
+        self.sequence = len(act_shape) == 2
+        if self.sequence:
+            self.stem = nn.Sequential(nn.Linear(act_shape[-1], width), nn.GELU())
+        else:
+            d = int(act_shape[0])
+            self.stem = nn.Sequential(nn.Linear(d, 1024), nn.GELU(), nn.Linear(1024, self.L * width), nn.Unflatten(1, (self.L, width)), nn.GELU())
+        self.context = nn.Conv1d(width, width, 3, padding=1)
+        self.mix = nn.Linear(width, width)
+        self.classes = nn.Linear(width, int(self.vocab.numel()))
+
+    def fold(self, z):
+        return z
+
+    def features(self, u: torch.Tensor) -> torch.Tensor:
+        with _fast(u):
+            h = self.stem(u)  # (N, L, width)
+            c = F.gelu(self.context(h.transpose(1, 2)).transpose(1, 2))
+            h = h + c
+            return h + F.gelu(self.mix(h))
+
+    def logits(self, f: torch.Tensor) -> torch.Tensor:
+        with _fast(f):
+            return self.classes(f)
+
+    def decode(self, u):
+        return self.features(u)
+
+    def table(self, device) -> torch.Tensor:
+        if self._table is None or self._table.device != device:
+            self._table = _lookup(self.vocab, int(self.vocab.max()) + 1).to(device)
+        return self._table
+
+    def loss(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy at the positions that are not padding, computed there only (the classifier is
+        the costly layer, and padding is about a third of the positions)."""
+        n = int((x[:, 1] != PAD).sum(dim=1).max())  # the batch's longest text: positions beyond it are all padding
+        u, x = (u[:, :n], x[..., :n]) if self.sequence else (u, x[..., :n])
+        f = self.features(u)
+        f = f[:, :n]
+        mask = x[:, 1] != PAD
+        ids = x[:, 0][mask]
+        table = self.table(ids.device)
+        target = table[ids.clamp_max(table.numel() - 1)]
+        target = torch.where(ids < table.numel(), target, torch.full_like(target, -1))
+        return F.cross_entropy(self.logits(f[mask]).float(), target, ignore_index=-1, label_smoothing=SMOOTHING)
+
+    @torch.no_grad()
+    def predict(self, z: torch.Tensor) -> torch.Tensor:
+        out = []
+        vocab = self.vocab.to(z.device)
+        for i in range(0, z.shape[0], CHUNK):
+            f = self.features(z[i : i + CHUNK])
+            out.append(vocab[self.logits(f).argmax(dim=-1)])
+        ids = torch.cat(out) if out else torch.zeros(0, self.L, dtype=torch.int64, device=z.device)
+        return torch.stack([ids, torch.zeros_like(ids)], dim=1)  # the layout of the inputs: (N, 2, L)
+
+    def for_inference(self):
+        return _Predictor(self)
+
+
+class _Predictor(nn.Module):
+    def __init__(self, net: TextInverter):
+        super().__init__()
+        self.net = net
+
+    def forward(self, z):
+        return self.net.predict(z)
+
+
+def _tokens(ids, vocab) -> list[str]:
+    return [vocab[i] if vocab is not None and 0 <= i < len(vocab) else f"#{i}" for i in ids]
+
+
+def _render(ids: list[int], tags: list[int], vocab, right: list[bool] | None) -> str:
+    """Word pieces joined back into words (``##`` continuation), each token escaped; PII tokens marked
+    ``pii``, and in a reconstruction, tokens that match the original marked ``hit``."""
+    parts = []
+    for k, (tok, tag) in enumerate(zip(_tokens(ids, vocab), tags)):
+        if tag < 0:  # padding and special tokens are not shown
+            continue
+        glue = tok.startswith("##")
+        text = html.escape(tok[2:] if glue else tok)
+        cls = []
+        if tag > 0:
+            cls.append("pii")
+        if right is not None:
+            cls.append("hit" if right[k] else "miss")
+        span = f'<span class="{" ".join(cls)}">{text}</span>' if cls else text
+        parts.append(span if glue or not parts else " " + span)
+    return "".join(parts)
+
+
+def examples_html(x, recon, *, fixed, ranked, values, data=None) -> str:
+    """Originals over their reconstructions, as an escaped HTML table: the fixed samples, then those that
+    gained most over the prior, each with its headline value."""
+    vocab = getattr(data, "vocab", None)
+    rows = []
+    seen = set()
+    for group, idx in (("fixed", fixed), ("most recovered", ranked)):
+        for i in [int(v) for v in idx]:
+            if i in seen:
+                continue
+            seen.add(i)
+            ids, tags = x[i, 0].tolist(), x[i, 1].tolist()
+            rids = recon[i, 0].tolist()
+            right = [a == b for a, b in zip(ids, rids)]
+            rows.append(
+                f'<tr class="{html.escape(group)}"><td class="idx">{i}</td><td class="val">{float(values[i]):.2f}</td>'
+                f'<td class="orig">{_render(ids, tags, vocab, None)}</td><td class="recon">{_render(rids, tags, vocab, right)}</td></tr>'
+            )
+    head = "<tr><th>#</th><th>token acc.</th><th>original (PII underlined)</th><th>reconstruction (recovered tokens marked)</th></tr>"
+    return f'<table class="text-examples">{head}{"".join(rows)}</table>'

