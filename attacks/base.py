@@ -32,6 +32,7 @@ class AttackContext:
     head: Callable[[torch.Tensor], torch.Tensor] | None = None
     on_epoch: Callable[[int, int, float], None] | None = None  # (epoch, max_epochs, val loss)
     modality: Any = None  # the audit's Modality (scores, prior, decoder network); None: images
+    embeddings: torch.Tensor | None = None  # a text model's token embedding table, for white-box attacks only
 
     def __post_init__(self):
         if self.modality is None:
@@ -67,6 +68,7 @@ class Attack:
     """
 
     name: ClassVar[str] = ""
+    modalities: ClassVar[tuple[str, ...]] = ("image", "text")  # the kinds of data it can attack
     white_box: ClassVar[bool] = False
     needs_fit: ClassVar[bool] = True
     warm_start: ClassVar[bool] = False

@@ -112,6 +112,10 @@ class Modality:
         """The decoder's budget for ``profile`` when this modality has its own (None: the decoder's profiles)."""
         return None
 
+    # Draws of a stochastic defense that utility averages, at most (the profile sets the number): one for
+    # text, whose utility (a mean cosine similarity over 1,000 sentence embeddings) varies little between
+    # draws, and whose tails are a transformer's blocks.
+    utility_draws: ClassVar[int] = 1_000
     examples_format: ClassVar[str] = "png"  # what ``examples`` returns: png (image bytes) or html (a fragment)
 
     # -- views --

@@ -110,6 +110,7 @@ TICK_EVERY = 10  # optimization steps between progress callbacks
 
 @register_attack("rmle")
 class RMLEAttack(Attack):
+    modalities = ("image",)
     white_box = True
     needs_fit = True  # fit picks lambda and the activation scale on aux data
 

@@ -45,6 +45,7 @@ class TextModality(Modality):
     )
     headline = "token_accuracy"
     examples_format = "html"
+    utility_draws = 1
 
     # -- data --
     def claims(self, data_spec: str) -> bool:
@@ -186,7 +187,16 @@ def _lookup(vocab: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class TextInverter(nn.Module):
-    """Hidden states (N, L, d) or a pooled vector (N, d) -> per-position features -> token classes."""
+    """Hidden states (N, L, d) or a pooled vector (N, d) -> per-position features -> token classes.
+
+    A position-wise projection, a convolution over neighbouring positions (kernel 3, written as one
+    matmul on each position's neighbours side by side: the same function, 3x faster than Conv1d's
+    backward in bfloat16 on a CPU) and a position-wise mixing layer, each residual, then a classifier
+    over the attacker's vocabulary at the positions that are not padding only. For a pooled vector a
+    dense stem first unfolds it into ``PER`` features a position.
+    """
+
+    PER = 64
 
     def __init__(self, act_shape: tuple[int, ...], input_shape: tuple[int, ...], *, width: int, vocab: torch.Tensor):
         super().__init__()
@@ -197,9 +207,10 @@ class TextInverter(nn.Module):
         if self.sequence:
             self.stem = nn.Sequential(nn.Linear(act_shape[-1], width), nn.GELU())
         else:
-            d = int(act_shape[0])
-            self.stem = nn.Sequential(nn.Linear(d, 1024), nn.GELU(), nn.Linear(1024, self.L * width), nn.Unflatten(1, (self.L, width)), nn.GELU())
-        self.context = nn.Conv1d(width, width, 3, padding=1)
+            d, per = int(act_shape[0]), self.PER
+            self.stem = nn.Sequential(nn.Linear(d, 1024), nn.GELU(), nn.Linear(1024, self.L * per), nn.Unflatten(1, (self.L, per)),
+                                      nn.GELU(), nn.Linear(per, width), nn.GELU())
+        self.context = nn.Linear(3 * width, width)
         self.mix = nn.Linear(width, width)
         self.classes = nn.Linear(width, int(self.vocab.numel()))
 
@@ -209,8 +220,8 @@ class TextInverter(nn.Module):
     def features(self, u: torch.Tensor) -> torch.Tensor:
         with _fast(u):
             h = self.stem(u)  # (N, L, width)
-            c = F.gelu(self.context(h.transpose(1, 2)).transpose(1, 2))
-            h = h + c
+            p = F.pad(h, (0, 0, 1, 1))
+            h = h + F.gelu(self.context(torch.cat([p[:, :-2], h, p[:, 2:]], dim=-1)))
             return h + F.gelu(self.mix(h))
 
     def logits(self, f: torch.Tensor) -> torch.Tensor:
@@ -227,11 +238,10 @@ class TextInverter(nn.Module):
 
     def loss(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Cross-entropy at the positions that are not padding, computed there only (the classifier is
-        the costly layer, and padding is about a third of the positions)."""
+        the costly layer, and padding is about half the positions)."""
         n = int((x[:, 1] != PAD).sum(dim=1).max())  # the batch's longest text: positions beyond it are all padding
         u, x = (u[:, :n], x[..., :n]) if self.sequence else (u, x[..., :n])
-        f = self.features(u)
-        f = f[:, :n]
+        f = self.features(u)[:, :n]
         mask = x[:, 1] != PAD
         ids = x[:, 0][mask]
         table = self.table(ids.device)
@@ -244,8 +254,7 @@ class TextInverter(nn.Module):
         out = []
         vocab = self.vocab.to(z.device)
         for i in range(0, z.shape[0], CHUNK):
-            f = self.features(z[i : i + CHUNK])
-            out.append(vocab[self.logits(f).argmax(dim=-1)])
+            out.append(vocab[self.logits(self.features(z[i : i + CHUNK])).argmax(dim=-1)])
         ids = torch.cat(out) if out else torch.zeros(0, self.L, dtype=torch.int64, device=z.device)
         return torch.stack([ids, torch.zeros_like(ids)], dim=1)  # the layout of the inputs: (N, 2, L)
 

@@ -63,14 +63,25 @@ def training_thread_count(model: nn.Module, sample: torch.Tensor) -> int:
     return torch.get_num_threads()
 
 
+TIMING_BUDGET_S = 1.0  # a series stops after this many seconds once it has MIN_REPEATS timings (a transformer's head)
+MIN_REPEATS = 3
+
+
 def median_ms(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 15, sync: Callable[[], None] | None = None) -> float:
-    """Median wall time of ``fn`` in milliseconds, after ``warmup`` untimed calls."""
+    """Median wall time of ``fn`` in milliseconds, after ``warmup`` untimed calls; at least ``MIN_REPEATS``
+    and at most ``repeats`` timings, fewer once the series has taken ``TIMING_BUDGET_S``."""
+    start = time.perf_counter()
     for _ in range(warmup):
         fn()
+        if time.perf_counter() - start > TIMING_BUDGET_S:
+            break
     if sync:
         sync()
     times = []
+    start = time.perf_counter()
     for _ in range(repeats):
+        if len(times) >= MIN_REPEATS and time.perf_counter() - start > TIMING_BUDGET_S:
+            break
         t0 = time.perf_counter()
         fn()
         if sync:
@@ -146,11 +157,17 @@ def interleaved_medians_ms(fns: list[Callable[[], object]], *, warmup: int = 3, 
     rather than minutes apart, where a busy machine would turn noise into a (possibly negative)
     overhead. One shared head-alone series serves every defense of a cut.
     """
+    start = time.perf_counter()
     for _ in range(warmup):
         for fn in fns:
             fn()
+        if time.perf_counter() - start > TIMING_BUDGET_S:
+            break
     times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
     for _ in range(repeats):
+        if len(times[0]) >= MIN_REPEATS and time.perf_counter() - start > TIMING_BUDGET_S * len(fns):
+            break
         for fn, acc in zip(fns, times):
             if sync:
                 sync()
@@ -259,7 +276,7 @@ class UtilityMeter:
         s = self.s
         draws: list[tuple[int, Callable | None]] = []  # (which defense, transform at the cut; None: the model as it is)
         for k, (d, fitted) in enumerate(ds):
-            for i in range(s.settings["draws"] if d.stochastic else 1):
+            for i in range(min(s.settings["draws"], s.modality.utility_draws) if d.stochastic else 1):
                 gen = job_generator(s.config.seed, cut, d.spec, "utility", i)
                 draws.append((k, None if fitted is None else (lambda z, _f=fitted, _g=gen: _f(z, generator=_g))))
         preds = self._predict_each(model_d, cut, [t for _, t in draws])

@@ -184,6 +184,7 @@ def run_job(spec: JobSpec, inputs: JobInputs, *, on_epoch: Callable[[int, int, f
             on_epoch=on_epoch,
             # Only white-box attacks see the head; black-box ones get activations and nothing else.
             head=functools.partial(head_forward, inputs.head, spec.cut) if white_box else None,
+            embeddings=_input_embeddings(inputs.head) if white_box else None,
             modality=modality,
         )
         rep = attack.fit(z_train, x_aux, ctx)
@@ -214,6 +215,12 @@ def run_job(spec: JobSpec, inputs: JobInputs, *, on_epoch: Callable[[int, int, f
               for d in spec.score}
     state = attack.state() if attack.warm_start else None
     return JobOutput(spec=spec, report=report, state=state, scores=scores, seconds=time.perf_counter() - start)
+
+
+def _input_embeddings(model) -> torch.Tensor | None:
+    """A text model's token embedding table (``input_embeddings``), which a white-box attacker knows; None for others."""
+    table = getattr(model, "input_embeddings", None)
+    return table().detach() if callable(table) else None
 
 
 def _fitted(inputs: JobInputs, spec: str) -> Fitted | None:

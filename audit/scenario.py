@@ -175,6 +175,12 @@ def build_scenario(config: AuditConfig, *, cache: Cache, reporter: Reporter, pha
     for a in config.attacks:
         make_attack(a, profile=config.profile)
     modality = modality_for(config.data)
+    for a in config.attacks:
+        from splitaudit.attacks.base import ATTACKS
+
+        if modality.name not in ATTACKS[a].modalities:
+            other = sorted(n for n, c in ATTACKS.items() if modality.name in c.modalities and c.white_box == ATTACKS[a].white_box)
+            raise SpecError(f"attack {a} does not attack {modality.name} data; for {modality.name} use {', '.join(other) or 'decoder'}")
     policy = split_policy(config, defenses, notes)
     with phase("data"):
         dataset = modality.load_data(config.data, model=config.model)

@@ -128,7 +128,15 @@ class TextSplitModel(nn.Module):
         self.pool = MeanPool()
         self.split_points = ("embeddings", *(f"blocks.{i}" for i in range(len(blocks))), "pool")
 
+    def input_embeddings(self) -> torch.Tensor:
+        """The token embedding table (vocabulary x width), which a white-box attacker knows."""
+        return self.hf.get_input_embeddings().weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point() and x.dim() == 3:  # (N, L, width + 1): input embeddings and the attention mask (white box)
+            mask = x[..., -1]
+            out = self.hf(inputs_embeds=x[..., :-1], attention_mask=mask)
+            return self.pool(out.last_hidden_state, mask)
         if x.dim() != 3 or x.shape[1] != 2 or x.dtype != torch.int64:
             raise ValueError(f"expected token ids and tags of shape (N, 2, L) int64, got {tuple(x.shape)} {x.dtype}")
         mask = (x[:, 1] != -2).long()

@@ -173,3 +173,49 @@ def test_minilm_loads_offline_and_its_first_block_leaks_tokens(tmp_path):
                                    cache_dir=str(tmp_path)))
     row = result.headline("blocks.0", "none")
     assert row.value("token_accuracy") > 0.8 > row.value("baseline_token_accuracy")
+
+
+def test_a_gpt2_style_decoder_has_the_same_cuts():
+    from splitaudit.text_models import TextSplitModel
+
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = TextSplitModel(transformers.GPT2Model(cfg)).eval()
+    ids, tags = torch.randint(0, 100, (4, 10)), torch.zeros(4, 10, dtype=torch.long)
+    tags[0, 7:] = PAD
+    x = torch.stack([ids, tags], 1)
+    d = discover_cuts(model, x[:2])
+    assert d.names() == ["embeddings", "blocks.0", "blocks.1", "pool"]
+    z = capture_many(model, d.names(), x)
+    assert z["blocks.1"].shape == (4, 10, 32) and z["blocks.1"][0, 7:].abs().max() == 0 and z["blocks.1"][0, :7].abs().max() > 0
+
+
+def test_the_white_box_attack_recovers_tokens_the_attacker_never_saw(model_and_data):
+    """Optimizing input embeddings through the head, then projecting onto the whole vocabulary: at the
+    embedding output it names tokens that are not in the aux texts, which the learned inverter cannot."""
+    import functools
+
+    from splitaudit.attacks.base import AttackContext, make_attack
+    from splitaudit.attacks.modality import get_modality
+    from splitaudit.cuts import head_forward
+    from splitaudit.text_metrics import token_accuracy
+
+    model, ds = model_and_data
+    z = capture_many(model, ["embeddings"], ds.x)["embeddings"]
+    a = make_attack("whitebox", profile="quick")
+    ctx = AttackContext(input_shape=tuple(ds.x.shape[1:]), act_shape=tuple(z.shape[1:]), profile="quick",
+                        generator=torch.Generator().manual_seed(0), modality=get_modality("text"),
+                        head=functools.partial(head_forward, model, "embeddings"), embeddings=model.input_embeddings().detach())
+    a.fit(z[:200], ds.x[:200], ctx)
+    rec = a.reconstruct(z[200:260])
+    assert float(token_accuracy(rec, ds.x[200:260]).mean()) > 0.9
+    unseen = ~torch.isin(ds.x[200:260, 0], ds.x[:200, 0]) & (ds.x[200:260, 1] >= 0)
+    assert unseen.any() and bool((rec[:, 0][unseen] == ds.x[200:260, 0][unseen]).float().mean() > 0.5)
+
+
+def test_an_attack_of_the_other_modality_is_refused_before_any_work(jsonl, tiny_bert):
+    from splitaudit.errors import SpecError
+    from splitaudit.runner import run_audit
+
+    with pytest.raises(SpecError, match="rmle does not attack text data; for text use whitebox"):
+        run_audit(AuditConfig(model=f"hf:{tiny_bert}", data=str(jsonl), attacks=("rmle",), profile="quick"))

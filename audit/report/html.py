@@ -153,20 +153,9 @@ def image_uri(base: Path | None, rel: str | None) -> tuple[str | None, str | Non
     """
     if not rel:
         return None, "no image was saved for this row"
-    if base is None:
-        return None, f"image {rel} not embedded: the report was rendered without the results folder"
-    try:
-        root = Path(base).resolve()
-        path = (root / rel).resolve()
-        if not path.is_relative_to(root):
-            return None, f"image {rel} not embedded: its path leaves the results folder"
-        if not path.is_file():
-            return None, f"image {rel} is missing"
-        if path.stat().st_size > MAX_IMAGE_BYTES:
-            return None, f"image {rel} not embedded: larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MB"
-        data = path.read_bytes()
-    except OSError as exc:
-        return None, f"image {rel} could not be read ({exc.strerror or exc})"
+    data, why = _read_saved(base, rel, "image", "its")
+    if data is None:
+        return None, why
     if not data.startswith(PNG_SIGNATURE):
         return None, f"image {rel} not embedded: not a PNG file"
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii"), None
@@ -226,25 +215,34 @@ def sanitize_fragment(text: str) -> Markup:
     return Markup(p.result())
 
 
+def _read_saved(base: Path | None, rel: str, noun: str, its: str) -> tuple[bytes | None, str | None]:
+    """The bytes of a file the writer saved beside results.json (``rel`` under ``base``), or (None, why not):
+    only a file inside the results folder, of bounded size, is read."""
+    if base is None:
+        return None, f"{noun} {rel} not embedded: the report was rendered without the results folder"
+    are = "are" if noun == "examples" else "is"
+    try:
+        root = Path(base).resolve()
+        path = (root / rel).resolve()
+        if not path.is_relative_to(root):
+            return None, f"{noun} {rel} not embedded: {its} path leaves the results folder"
+        if not path.is_file():
+            return None, f"{noun} {rel} {are} missing"
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            return None, f"{noun} {rel} not embedded: larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MB"
+        return path.read_bytes(), None
+    except OSError as exc:
+        return None, f"{noun} {rel} could not be read ({exc.strerror or exc})"
+
+
 def fragment_html(base: Path | None, rel: str | None) -> tuple[Markup | None, str | None]:
     """(the rebuilt table, None) for a text examples fragment under ``base``, or (None, the reason there is
     none). The same rules as :func:`image_uri`: only a file inside the results folder, of bounded size."""
     if not rel:
         return None, "no examples were saved for this row"
-    if base is None:
-        return None, f"examples {rel} not embedded: the report was rendered without the results folder"
-    try:
-        root = Path(base).resolve()
-        path = (root / rel).resolve()
-        if not path.is_relative_to(root):
-            return None, f"examples {rel} not embedded: their path leaves the results folder"
-        if not path.is_file():
-            return None, f"examples {rel} are missing"
-        if path.stat().st_size > MAX_IMAGE_BYTES:
-            return None, f"examples {rel} not embedded: larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MB"
-        data = path.read_bytes()
-    except OSError as exc:
-        return None, f"examples {rel} could not be read ({exc.strerror or exc})"
+    data, why = _read_saved(base, rel, "examples", "their")
+    if data is None:
+        return None, why
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
