@@ -189,7 +189,7 @@ def audit(
     profile: ProfileOpt = Profile.standard,
     device: DeviceOpt = Device.auto,
     seed: SeedOpt = 0,
-    threshold: Annotated[float, typer.Option(help="SSIM at or below which inputs count as not recognizable")] = 0.3,
+    threshold: Annotated[float, typer.Option(help="headline metric (SSIM; token accuracy for text) at or below which inputs count as not recognizable")] = 0.3,
     reid_threshold: Annotated[float, typer.Option(help="re-identified share above which a pair is recognizable, whatever its SSIM")] = 0.05,
     output: OutputOpt = None,
     input_norm: InputNormOpt = None,
