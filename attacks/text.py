@@ -28,8 +28,8 @@ from torch import nn
 
 from splitaudit.attacks.modality import MetricInfo, Modality, register_modality
 from splitaudit.errors import DataError
+from splitaudit.text_data import MAX_KINDS, PAD
 
-PAD = -2
 SMOOTHING = 0.1  # label smoothing: validation loss then tracks token accuracy (without it, it rises while accuracy still climbs)
 CHUNK = 64  # sequences per inference step (logits of 64 x L x vocabulary floats at a time)
 
@@ -78,7 +78,7 @@ class TextModality(Modality):
     def score(self, recon, x):
         from splitaudit import text_metrics as tm
 
-        pii, by_kind = tm.pii_recovery(recon, x, num_kinds=15)
+        pii, by_kind = tm.pii_recovery(recon, x, num_kinds=MAX_KINDS)
         out = {"token_accuracy": tm.token_accuracy(recon, x), "rouge_l": tm.rouge_l(recon, x),
                "exact_match": tm.exact_match(recon, x), "pii_recovery": pii}
         out.update({f"pii_recovery@{k}": v for k, v in by_kind.items()})

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from splitaudit.attacks.base import Attack, AttackContext, FitReport, register_attack
 from splitaudit.errors import SpecError
 from splitaudit.specs import build_config, param
+from splitaudit.text_data import PAD
 
-PAD = -2
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from torch import nn
 
 from splitaudit.errors import ModelError, SpecError, UserError
 from splitaudit.outputs import flatten, nbytes_per_sample, pick, put, split_cut
+from splitaudit.text_data import PAD
 
 
 class _StopForward(BaseException):
@@ -198,22 +199,25 @@ def capture(model: nn.Module, cut: str, x: torch.Tensor, *, batch_size: int = 25
 
 def _padded(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """For a model that declares ``variable_length`` (the text models, which run each batch at its own
-    longest text): ``t`` (B, L_batch, d) zeroed at the padding positions of ``x`` (the tags -2) and
+    longest text): ``t`` (B, L_batch, d) zeroed at the padding positions of ``x`` (the tag PAD) and
     zero-padded to the data's length. Padding is never sent, so the attacker sees zeros there."""
     if not getattr(model, "variable_length", False) or t.dim() != 3 or t.shape[0] != x.shape[0]:
         return t
     if t.shape[1] < x.shape[-1]:
         t = torch.nn.functional.pad(t, (0, 0, 0, x.shape[-1] - t.shape[1]))
-    return t * (x[:, 1] != -2).unsqueeze(-1).to(t.dtype)
+    return t * (x[:, 1] != PAD).unsqueeze(-1).to(t.dtype)
 
 
-def _by_length(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """For a ``variable_length`` model, the order of ``x`` by text length (longest first): batches of
-    texts of similar length then run at their own length, not the data's longest (half the time on the
-    builtin PII texts). None for other models."""
+def _by_length(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``x`` in the order a model runs it best, and the function that puts per-sample results back in the
+    data's order. A ``variable_length`` model gets its texts longest first: batches of texts of similar
+    length then run at their own length, not the data's longest (half the time on the builtin PII texts).
+    Any other model gets ``x`` as it is."""
     if not getattr(model, "variable_length", False) or x.dim() != 3:
-        return None
-    return torch.argsort((x[:, 1] != -2).sum(dim=1), descending=True, stable=True)
+        return x, lambda t: t
+    order = torch.argsort((x[:, 1] != PAD).sum(dim=1), descending=True, stable=True)
+    inverse = torch.argsort(order)
+    return x[order], lambda t: t[inverse.to(t.device)]
 
 
 @torch.no_grad()
@@ -222,12 +226,8 @@ def capture_many(model: nn.Module, cuts: list[str], x: torch.Tensor, *, batch_si
     last of them to run. Each is copied when its module returns, so an in-place op after the cut (a
     ``ReLU(inplace=True)``) does not change what was captured. :func:`capture` is this for one cut."""
     model.eval()
-    order = _by_length(model, x)
-    if order is not None:  # captured in length order, handed back in the data's order
-        got = _capture_in_order(model, cuts, x[order], batch_size)
-        inverse = torch.argsort(order)
-        return {c: v[inverse.to(v.device)] for c, v in got.items()}
-    return _capture_in_order(model, cuts, x, batch_size)
+    x, restore = _by_length(model, x)
+    return {c: restore(v) for c, v in _capture_in_order(model, cuts, x, batch_size).items()}
 
 
 def _capture_in_order(model: nn.Module, cuts: list[str], x: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
@@ -293,12 +293,8 @@ def predict(model: nn.Module, x: torch.Tensor, *, cut: str | None = None, transf
     if cut is not None and transform is not None:
         return predict_each(model, x, cut, [transform], batch_size=batch_size)[0]
     model.eval()
-    order = _by_length(model, x)
-    if order is not None:  # in length order, handed back in the data's order
-        xs = x[order]
-        out = torch.cat([_top1(run_model(model, xs[i : i + batch_size]), model) for i in range(0, x.shape[0], batch_size)])
-        return out[torch.argsort(order).to(out.device)]
-    return torch.cat([_top1(run_model(model, x[i : i + batch_size]), model) for i in range(0, x.shape[0], batch_size)])
+    x, restore = _by_length(model, x)
+    return restore(torch.cat([_top1(run_model(model, x[i : i + batch_size]), model) for i in range(0, x.shape[0], batch_size)]))
 
 
 def _stacked(model: nn.Module, cut: str, x: torch.Tensor, transforms) -> list[torch.Tensor] | None:
@@ -363,9 +359,7 @@ def predict_each(model: nn.Module, x: torch.Tensor, cut: str, transforms, *, bat
     """
     model.eval()
     transforms = list(transforms)
-    order = _by_length(model, x)
-    if order is not None:  # in length order, handed back in the data's order
-        x, inverse = x[order], torch.argsort(order)
+    x, restore = _by_length(model, x)
     stack = _stacks(model, cut, x, len(transforms))
     preds: list[list[torch.Tensor]] = [[] for _ in transforms]
     for i in range(0, x.shape[0], batch_size):
@@ -376,5 +370,4 @@ def predict_each(model: nn.Module, x: torch.Tensor, cut: str, transforms, *, bat
             outs = [forward_with(model, cut, xb, t) for t in transforms]
         for p, out in zip(preds, outs):
             p.append(_top1(out, model))
-    out = [torch.cat(p) for p in preds]
-    return out if order is None else [p[inverse.to(p.device)] for p in out]
+    return [restore(torch.cat(p)) for p in preds]

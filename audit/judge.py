@@ -44,13 +44,17 @@ def train_judge(scenario, cache, reporter, phase) -> Judge | None:
     """The judge of ``scenario`` (None without labels), from the cache or trained on the aux split."""
     s = scenario
     aux = s.splits.aux
-    if aux.y is None or s.y_eval is None or s.modality.judge(tuple(aux.x.shape[1:]), 2) is None:
-        return None  # no labels, or a modality without an independent classifier (text)
+    if aux.y is None or s.y_eval is None:
+        return None
     num_classes = int(max(int(aux.y.max()), int(s.y_eval.max()))) + 1
     factory = lambda: s.modality.judge(tuple(aux.x.shape[1:]), num_classes)  # noqa: E731
+    with torch.device("meta"):  # its architecture, for the cache key: no weights, no draws from any generator
+        probe = factory()
+    if probe is None:
+        return None  # a modality without an independent classifier (text)
     per_epoch = -(-aux.n // RECIPE.batch_size)
     recipe = replace(RECIPE, epochs=max(3, min(RECIPE.epochs, -(-STEPS // per_epoch))))  # a fixed budget of steps
-    arch = inspect.getsource(type(factory()))
+    arch = inspect.getsource(type(probe))
     key = cache_keys.judge(data_hash=s.data_hash, seed=s.config.seed, profile=s.config.profile, n_aux=aux.n, architecture=arch,
                            recipe=(recipe.epochs, recipe.lr, recipe.batch_size))
     model = build_module(factory, job_generator(s.config.seed, "judge", "init"), device=s.device)

@@ -35,6 +35,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from splitaudit.text_data import PAD as PAD_TAG  # the tags are defined once, with the layout
+from splitaudit.text_data import KIND_BITS
+from splitaudit.text_data import SPECIAL as SPECIAL_TAG
+
 __all__ = [
     "HIGHER_IS_BETTER",
     "PAD_TAG",
@@ -56,9 +60,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "pii_recovery": True,
 }
 
-PAD_TAG = -2
-SPECIAL_TAG = -1
-_SPAN_STRIDE = 16  # tag = 16 * span_no + kind + 1
+_SPAN_STRIDE = KIND_BITS  # tag = 16 * span_no + kind + 1
 
 
 # --------------------------------------------------------------------------------------------------

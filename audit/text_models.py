@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from splitaudit.errors import ModelError, SpecError, UserError
+from splitaudit.text_data import PAD
 
 TEXT_BUILTINS = ("minilm",)
 EXTRA_HINT = "install the text extra: pip install 'splitaudit[text]'"
@@ -55,14 +56,14 @@ def minilm_dir() -> Path:
 
 def model_dir(spec: str) -> Path | None:
     """The Hugging Face directory a text model spec names, or None when the spec is not a text model."""
+    if not is_text_model(spec):
+        return None
     if spec.startswith("hf:"):
         d = Path(spec[3:]).expanduser()
         if not d.is_dir() or not (d / "config.json").is_file():
             raise SpecError(f"model spec {spec!r}: {d} is not a Hugging Face model directory (no config.json in it)")
         return d
-    if spec.startswith("builtin:") and spec[8:] in TEXT_BUILTINS:
-        return minilm_dir()
-    return None
+    return minilm_dir()
 
 
 def is_text_model(spec: str) -> bool:
@@ -139,7 +140,7 @@ class TextSplitModel(nn.Module):
             return self.pool(out.last_hidden_state, mask)
         if x.dim() != 3 or x.shape[1] != 2 or x.dtype != torch.int64:
             raise ValueError(f"expected token ids and tags of shape (N, 2, L) int64, got {tuple(x.shape)} {x.dtype}")
-        mask = (x[:, 1] != -2).long()
+        mask = (x[:, 1] != PAD).long()
         n = int(mask.sum(dim=1).max()) if mask.numel() else 0
         ids, mask = x[:, 0, : max(n, 1)], mask[:, : max(n, 1)]  # the batch's padding beyond its longest text never runs
         out = self.hf(input_ids=ids, attention_mask=mask)
