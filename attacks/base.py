@@ -118,6 +118,16 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+class ZeroLinear(nn.Linear):
+    """A linear layer that starts at zero (weight and bias): a residual branch that begins switched off,
+    so the network starts as the one without it (:func:`build_module` keeps it at zero)."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
 def build_module(factory: Callable[[], nn.Module], generator: torch.Generator, device: torch.device | str = "cpu") -> nn.Module:
     """``factory()`` with PyTorch's default initialization drawn from ``generator``, never from the
     global generator: attack jobs run in threads beside other work (a defense's fine-tuning with
@@ -125,14 +135,17 @@ def build_module(factory: Callable[[], nn.Module], generator: torch.Generator, d
 
     The module is built on the meta device (no draws), materialized on the CPU and initialized here:
     convolutions and linear layers as ``reset_parameters`` does (weight and bias uniform in
-    +-1/sqrt(fan_in)), batch norms to ones and zeros. Other layers with parameters are refused.
+    +-1/sqrt(fan_in)), a :class:`ZeroLinear` and batch norms by their own ``reset_parameters`` (zeros;
+    ones and zeros). Other layers with parameters are refused.
     """
     with torch.device("meta"):
         module = factory()
     module = module.to_empty(device="cpu")
     with torch.no_grad():
         for m in module.modules():
-            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            if isinstance(m, ZeroLinear):
+                m.reset_parameters()
+            elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
                 bound = 1 / math.sqrt(max(1, m.weight[0].numel()))  # weight[0]: fan_in, as torch computes it
                 m.weight.uniform_(-bound, bound, generator=generator)
                 if m.bias is not None:

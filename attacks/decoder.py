@@ -37,7 +37,7 @@ class DecoderConfig:
     batch_size: int = param(0, lo=0, hi=4096, help="0 picks by profile")
     restarts: int = param(-1, lo=-1, hi=20, help="extra runs when one fails; -1 picks by profile")
     extensions: int = param(-1, lo=-1, hi=20, help="extra budgets while still improving; -1 picks by profile")
-    val_fraction: float = param(0.1, lo=0.02, hi=0.5)
+    val_fraction: float = param(0.0, lo=0.0, hi=0.5, help="held-out share of the aux data; 0 picks by profile")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,10 @@ class Budget:
     lr: float
     full_res: bool = False  # an activation at the input's resolution is decoded at full resolution
     min_steps: int = 0  # optimizer steps per run at least: small aux sets get more epochs (patience still stops early)
+    schedule: str = "constant"  # the learning rate over a run (attacks.training.TrainConfig.schedule)
+    val_fraction: float = 0.1  # the held-out share of the aux data that selects the run and checks the prior
+    refine_epochs: int = 0  # an adaptive refinement's epochs (0: the profile's adaptive_epochs)
+    refine_lr: float = 0.0  # its peak learning rate (0: lr)
 
 
 PROFILES = {
@@ -121,9 +125,12 @@ class DecoderAttack(Attack):
         self.patience = b.patience
         self.min_steps = 0 if self.config.epochs else b.min_steps
         self.restarts = b.restarts if self.config.restarts < 0 else self.config.restarts
+        self.schedule = b.schedule
+        self.val_fraction = self.config.val_fraction or b.val_fraction
+        self.refine_lr = b.refine_lr
 
     def _normalize(self, z):
-        return (z - self.mean) / self.std
+        return get_modality(self.modality).standardized(z, self.mean, self.std)
 
     def warm_start_from(self, other: DecoderAttack) -> None:
         """Begin from another decoder's weights (an adaptive attacker refining a clean decoder)."""
@@ -132,32 +139,42 @@ class DecoderAttack(Attack):
     def fit(self, z_aux: torch.Tensor, x_aux: torch.Tensor, ctx: AttackContext) -> FitReport:
         start = time.perf_counter()
         gen = ctx.generator
+        modality = ctx.modality
+        self.modality = modality.name
+        init = getattr(self, "_init", None)
+        if (own := modality.budget(self.profile)) is not None:  # a modality with budgets of its own (text)
+            self._apply(own)
         n = z_aux.shape[0]
         perm = torch.randperm(n, generator=gen).to(z_aux.device)
-        n_val = max(1, int(round(n * self.config.val_fraction)))
-        val_idx, tr_idx = perm[:n_val], perm[n_val:]
+        n_val = max(1, int(round(n * self.val_fraction)))
+        val_idx, tr_idx = modality.holdout(perm, x_aux, n_val)
+        held = None if init is None else init.holdout
+        if held is not None and held.numel() and int(held.max()) < n:
+            # A refinement holds out what its start held out: its other samples trained the start, so they
+            # could not check it (or choose between it and the undefended attacker) without bias.
+            val_idx = held.to(z_aux.device)
+            keep = torch.ones(n, dtype=torch.bool, device=z_aux.device)
+            keep[val_idx] = False
+            tr_idx = perm[keep[perm]]
         self.holdout = val_idx  # the aux samples it was selected on; another attack can be compared on them
         self.mean, self.std = _standardizer(z_aux[tr_idx])
         zt, zv = _nhwc(self._normalize(z_aux[tr_idx])), _nhwc(self._normalize(z_aux[val_idx]))
         xt, xv = x_aux[tr_idx], x_aux[val_idx]
-        modality = ctx.modality
-        self.modality = modality.name
-        if (own := modality.budget(self.profile)) is not None:  # a modality with budgets of its own (text)
-            self._apply(own)
         if self.min_steps:
             self.epochs = max(self.epochs, math.ceil(self.min_steps / math.ceil(xt.shape[0] / self.batch_size)))
         loss = _loss_of(modality)
         baseline = modality.prior_loss(xt, xv)
-        self.net_kwargs = modality.decoder_kwargs(xt)
+        # A refinement keeps its start's network as it was built (the text inverter's vocabulary is its
+        # training split's: another split would give another classifier, which the weights do not fit).
+        self.net_kwargs = init.net_kwargs if init is not None and init.net is not None else modality.decoder_kwargs(xt)
 
-        init = getattr(self, "_init", None)
         best: tuple[float, dict] | None = None
         notes: list[str] = []
         runs = 0
         tried_beyond_prior = 0  # finished runs that did not beat the no-information guess
         best_beats = False
         epochs_total = 0
-        lr = self.lr
+        lr = self.refine_lr if init is not None and self.refine_lr else self.lr  # a refinement starts near its optimum
         for attempt in range(self.restarts + 1):
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
             net = _nhwc(build_module(
@@ -169,15 +186,13 @@ class DecoderAttack(Attack):
                 with torch.no_grad():  # the same fold in every run: it has no parameters
                     ut, uv = net.fold(zt), net.fold(zv)
             if init is not None and attempt == 0 and init.net is not None:
-                try:
-                    net.load_state_dict(init.net.state_dict())
-                except RuntimeError:
-                    pass
+                net.load_state_dict(init.net.state_dict())  # the same network: a mismatch is a bug, never a silent fresh start
             epochs = self.epochs
             res = None
             # Resume while still clearly improving at the end of the budget.
             for extension in range(self.extensions + 1):
-                cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=self.batch_size, patience=self.patience)
+                cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=self.batch_size, patience=self.patience, schedule=self.schedule,
+                                  keep_best=self.schedule == "constant")  # a schedule's last step is its result
 
                 def on_epoch(ep, tr, va, _off=epochs_total):
                     if ctx.on_epoch:
@@ -258,7 +273,7 @@ class DecoderAttack(Attack):
     def state(self) -> dict:
         """Everything needed to rebuild the fitted attack (for the cache)."""
         return {"net": self.net.state_dict(), "mean": self.mean, "std": self.std, "width": self.width, "full_res": self.full_res,
-                "modality": self.modality, "net_kwargs": self.net_kwargs}
+                "modality": self.modality, "net_kwargs": self.net_kwargs, "holdout": self.holdout}
 
     def load_state(self, state: dict, act_shape, input_shape, device: torch.device | str = "cpu") -> None:
         self.width = state["width"]
@@ -273,3 +288,4 @@ class DecoderAttack(Attack):
         self._inference = None
         self.net.to(device).eval()
         self.mean, self.std = state["mean"].to(device), state["std"].to(device)
+        self.holdout = state.get("holdout")

@@ -112,6 +112,24 @@ class Modality:
         """The decoder's budget for ``profile`` when this modality has its own (None: the decoder's profiles)."""
         return None
 
+    def holdout(self, perm: torch.Tensor, x: torch.Tensor, n_val: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held-out and training indices of a decoder's aux data, from a random order ``perm``."""
+        return perm[:n_val], perm[n_val:]
+
+    def on_wire(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """What of the (defended) activations ``z`` of inputs ``x`` crosses the wire: all of it."""
+        return z
+
+    def standardized(self, z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """``z`` in the decoder's standardized scale (the aux statistics ``mean`` and ``std``)."""
+        return (z - mean) / std
+
+    def adaptive_epochs(self, profile: str, default: int) -> int:
+        """Epochs of an adaptive refinement (0: a full budget): the profile's ``default`` unless the
+        modality's own budget sets it."""
+        b = self.budget(profile)
+        return b.refine_epochs if b is not None and b.refine_epochs else default
+
     # Draws of a stochastic defense that utility averages, at most (the profile sets the number): one for
     # text, whose utility (a mean cosine similarity over 1,000 sentence embeddings) varies little between
     # draws, and whose tails are a transformer's blocks.

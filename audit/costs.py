@@ -182,13 +182,28 @@ def interleaved_medians_ms(fns: list[Callable[[], object]], *, warmup: int = 3, 
 @torch.no_grad()
 def defense_latency_ms(model: nn.Module, cut: str, sample: torch.Tensor, defended: list[tuple[nn.Module, Callable]], *,
                        repeats: int = 15) -> list[float]:
-    """Medians of the head of ``model`` alone, then of each (model, transform)'s head + transform, timed in turn."""
+    """Medians of the head of ``model`` alone, then of each (model, transform)'s head + transform.
+
+    A transform on ``model`` itself (noise, dropout, quantization) adds its own time to the head's, so
+    it is timed alone on the head's output and added: a direct measurement, where the difference of
+    two series of the head would be noise of the head's own size (a transformer's head is 100 ms, its
+    noise 0.1 ms), and one head series serves every such defense. A defense that runs another model
+    (fine-tuned) is timed head + transform, in turn with the head alone."""
     model.eval()
     for m, _ in defended:
         m.eval()
+    sync = _sync_for(sample)
+    other = [(m, tf) for m, tf in defended if m is not model]
     fns: list[Callable[[], object]] = [lambda: head_forward(model, cut, sample)]
-    fns += [lambda m=m, tf=tf: tf(head_forward(m, cut, sample)) for m, tf in defended]
-    return interleaved_medians_ms(fns, repeats=repeats, sync=_sync_for(sample))
+    fns += [lambda m=m, tf=tf: tf(head_forward(m, cut, sample)) for m, tf in other]
+    base, *rest = interleaved_medians_ms(fns, repeats=repeats, sync=sync)
+    own = [tf for m, tf in defended if m is model]
+    alone: list[float] = []
+    if own:
+        z = head_forward(model, cut, sample)
+        alone = interleaved_medians_ms([lambda tf=tf: tf(z) for tf in own], repeats=repeats, sync=sync)  # each returns a new tensor
+    it_own, it_rest = iter(alone), iter(rest)
+    return [base] + [base + next(it_own) if m is model else next(it_rest) for m, _ in defended]
 
 
 # ------------------------------------------------------------------------------------------------

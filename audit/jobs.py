@@ -164,7 +164,7 @@ def run_job(spec: JobSpec, inputs: JobInputs, *, on_epoch: Callable[[int, int, f
     modality = get_modality(spec.modality)
     x_aux, x_eval = inputs.x_aux, inputs.x_eval
     fitted = functools.partial(_fitted, inputs)
-    z_train = defended(fitted(spec.defense), inputs.acts[spec.defense], seed=spec.seed, cut=spec.cut, which="aux")
+    z_train = modality.on_wire(defended(fitted(spec.defense), inputs.acts[spec.defense], seed=spec.seed, cut=spec.cut, which="aux"), x_aux)
     if inputs.cached is not None:
         attack.load_state(inputs.cached["state"], tuple(z_train.shape[1:]), tuple(x_aux.shape[1:]), device=z_train.device)
         report = dict(inputs.cached["report"]) | {"cached": True}
@@ -211,7 +211,8 @@ def run_job(spec: JobSpec, inputs: JobInputs, *, on_epoch: Callable[[int, int, f
     prior = inputs.prior_scores
     if prior is None and spec.score:
         prior = modality.score(modality.prior(x_aux).expand_as(x_eval), x_eval)[modality.headline]
-    scores = {d: _score(attack, defended(fitted(d), inputs.acts[d], seed=spec.seed, cut=spec.cut, which="eval"), inputs, modality, prior)
+    scores = {d: _score(attack, modality.on_wire(defended(fitted(d), inputs.acts[d], seed=spec.seed, cut=spec.cut, which="eval"), x_eval),
+                        inputs, modality, prior)
               for d in spec.score}
     state = attack.state() if attack.warm_start else None
     return JobOutput(spec=spec, report=report, state=state, scores=scores, seconds=time.perf_counter() - start)
@@ -273,8 +274,9 @@ def _select(attack, candidate_state: dict, spec: JobSpec, z_aux: torch.Tensor, x
     mine, theirs = score(attack), score(other)
     report["selection"] = {f"refined_holdout_{metric}": round(mine, 5), f"undefended_holdout_{metric}": round(theirs, 5)}
     if not mine >= theirs:  # a NaN refinement loses too
+        what, data = ("its start (the base fit)", "held-out") if spec.defense == "none" else ("the undefended attacker", "defended held-out")
         report["notes"] = list(report["notes"]) + [
-            f"kept the undefended attacker: on defended held-out aux data its {metric} {theirs:.4g} beats the refinement's {mine:.4g}"
+            f"kept {what}: on {data} aux data its {metric} {theirs:.4g} beats the refinement's {mine:.4g}"
         ]
         report["converged"] = candidate_converged
         return other

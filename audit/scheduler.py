@@ -60,7 +60,7 @@ class Scheduler:
             s = self.s
             self._graph[cut] = plan_cut(cut, attacks=s.config.attacks, defenses=s.defenses, profile=s.config.profile,
                                         seed=s.config.seed, device=str(s.device), modality=s.modality.name,
-                                        adaptive_epochs=s.settings["adaptive_epochs"] or None)
+                                        adaptive_epochs=s.modality.adaptive_epochs(s.config.profile, s.settings["adaptive_epochs"]) or None)
             for job in self._graph[cut]:
                 self.jobs.setdefault((cut, job.spec.attack, job.role), job.spec)
         return self._graph[cut]
@@ -220,7 +220,9 @@ class Scheduler:
             self._deferred.append((dep, out))
             return
         try:
-            candidate = out if dep.defense != "none" and isinstance(out, JobOutput) else None
+            # The other candidate: the undefended attacker for an adaptive one; for the undefended refinement, its
+            # start (the base fit), so that its extra epoch can never make it worse than what it started from.
+            candidate = out if isinstance(out, JobOutput) and (dep.defense != "none" or dep.kind == "refine") else None
             self._submit(dep, base_state=base_state, candidate=candidate)
         except UserError:
             raise  # a defense that cannot change this model (found while fine-tuning): bad input, exit 2

@@ -143,8 +143,24 @@ class TextSplitModel(nn.Module):
         mask = (x[:, 1] != PAD).long()
         n = int(mask.sum(dim=1).max()) if mask.numel() else 0
         ids, mask = x[:, 0, : max(n, 1)], mask[:, : max(n, 1)]  # the batch's padding beyond its longest text never runs
+        if self.kind == "encoder":
+            return self._encode(ids, mask)
         out = self.hf(input_ids=ids, attention_mask=mask)
         return self.pool(out.last_hidden_state, mask)
+
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A BERT-style encoder's forward, block by block, as the Hugging Face model runs it (tested
+        against it), with one difference: where a cut's output comes back with k times the batch (several
+        defenses' transforms stacked, :func:`splitaudit.cuts.predict_each`), the blocks after it and the
+        pooling take the attention mask k times, so the head runs once for all of them."""
+        h = self.embeddings(input_ids=ids)
+        additive = (1.0 - mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min  # 0 where attended
+        for block in self.blocks:
+            k = h.shape[0] // mask.shape[0]
+            h = block(h, additive if k == 1 else additive.repeat(k, 1, 1, 1))
+            h = h[0] if isinstance(h, tuple) else h  # transformers 4.x returns a tuple, 5.x the hidden states
+        k = h.shape[0] // mask.shape[0]
+        return self.pool(h, mask if k == 1 else mask.repeat(k, 1))
 
 
 def load_text_model(spec: str) -> nn.Module:

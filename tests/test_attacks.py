@@ -182,3 +182,31 @@ def test_folded_decoder_reconstructs_as_the_decoder_does(act_shape):
     z = torch.randn(7, *act_shape)
     with torch.no_grad():
         torch.testing.assert_close(folded(z), net(z), rtol=1e-5, atol=1e-6)
+
+
+def test_the_one_cycle_schedule_rises_peaks_and_decays_with_beta1_the_other_way():
+    from splitaudit._torch_compat import FusedAdam
+    from splitaudit.attacks.training import TrainConfig, _schedule, _set_lr
+
+    rate = _schedule(TrainConfig(lr=1e-2, schedule="onecycle"), 100)
+    lrs, betas = zip(*(rate(i) for i in range(101)))
+    assert lrs[0] == pytest.approx(1e-2 / 25) and betas[0] == pytest.approx(0.95)
+    assert max(lrs) == pytest.approx(1e-2) and lrs.index(max(lrs)) == 15 and betas[15] == pytest.approx(0.85)
+    assert lrs[100] == pytest.approx(1e-6) and betas[100] == pytest.approx(0.95)
+    assert all(a <= b for a, b in zip(lrs[:15], lrs[1:16])) and all(a >= b for a, b in zip(lrs[15:], lrs[16:]))
+    assert _schedule(TrainConfig(), 100) is None
+    with pytest.raises(ValueError, match="schedule"):
+        _schedule(TrainConfig(schedule="cosine"), 100)
+    p = torch.nn.Parameter(torch.zeros(2))
+    for opt in (FusedAdam([p], lr=1.0), torch.optim.Adam([p], lr=1.0)):
+        _set_lr(opt, 0.5, 0.9)
+        got = (opt.lr, opt.betas) if isinstance(opt, FusedAdam) else (opt.param_groups[0]["lr"], opt.param_groups[0]["betas"])
+        assert got == (0.5, (0.9, 0.999))
+
+
+def test_zero_linear_starts_at_zero_under_build_module():
+    from splitaudit.attacks.base import ZeroLinear, build_module
+
+    net = build_module(lambda: torch.nn.Sequential(torch.nn.Linear(4, 4), ZeroLinear(4, 3)), torch.Generator().manual_seed(0))
+    assert net[0].weight.abs().sum() > 0
+    assert net[1].weight.abs().sum() == 0 and net[1].bias.abs().sum() == 0

@@ -95,6 +95,60 @@ def test_the_inverter_state_round_trips(model_and_data):
     assert set(ra[:, 0].unique().tolist()) <= set(ds.x[:200, 0].unique().tolist())  # only tokens the attacker saw
 
 
+def test_a_refinement_keeps_its_starts_vocabulary_and_holdout(model_and_data):
+    """An adaptive refinement starts from the clean inverter's weights. Its own split of the aux texts
+    would give it another vocabulary, so another classifier: it must keep its start's (before, the
+    weights did not fit and the refinement silently started afresh), and hold out what its start held out."""
+    from splitaudit.attacks.base import AttackContext, make_attack
+    from splitaudit.attacks.modality import get_modality
+
+    model, ds = model_and_data
+    z = capture_many(model, ["blocks.0"], ds.x)["blocks.0"]
+    ctx = AttackContext(input_shape=tuple(ds.x.shape[1:]), act_shape=tuple(z.shape[1:]), profile="quick",
+                        generator=torch.Generator().manual_seed(0), modality=get_modality("text"))
+    base = make_attack("decoder", profile="quick", params={"epochs": 2, "val_fraction": 0.3})
+    base.fit(z[:200], ds.x[:200], ctx)
+    start = make_attack("decoder", profile="quick")
+    start.load_state(base.state(), tuple(z.shape[1:]), tuple(ds.x.shape[1:]))
+    refined = make_attack("decoder", profile="quick", params={"epochs": 1, "restarts": 0, "extensions": 0, "val_fraction": 0.3})
+    refined.warm_start_from(start)
+    refined.fit(z[:200], ds.x[:200], replace_generator(ctx, 1))
+    assert torch.equal(refined.holdout, base.holdout)
+    assert torch.equal(refined.net.vocab, base.net.vocab)
+    # A fresh fit on another split has another vocabulary: the case the refinement must not fall into.
+    fresh = make_attack("decoder", profile="quick", params={"epochs": 1, "val_fraction": 0.3})
+    fresh.fit(z[:200], ds.x[:200], replace_generator(ctx, 1))
+    assert not torch.equal(fresh.holdout, base.holdout)
+
+
+def replace_generator(ctx, seed):
+    from dataclasses import replace
+
+    return replace(ctx, generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_encoder_runs_as_hugging_face_runs_it_and_stacks_defenses(model_and_data):
+    """The wrapper runs a BERT-style encoder block by block: the same outputs as the Hugging Face model's
+    own forward, and transforms stacked at a cut (utility's shared passes) equal one pass per transform."""
+    from splitaudit.cuts import _by_length, _stacks, predict_each
+
+    model, ds = model_and_data
+    x = ds.x[:40]
+    mask = (x[:, 1] != PAD).long()
+    n = int(mask.sum(dim=1).max())
+    with torch.no_grad():
+        ref = model.pool(model.hf(input_ids=x[:, 0, :n], attention_mask=mask[:, :n]).last_hidden_state, mask[:, :n])
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-4)
+    transforms = [lambda z: z * 1.5, lambda z: z + 0.25]
+    for cut in ("embeddings", "blocks.0", "pool"):
+        assert _stacks(model, cut, _by_length(model, x)[0], 2), cut
+        stacked = predict_each(model, x, cut, transforms, batch_size=16)
+        alone = [predict_each(model, x, cut, [t], batch_size=16)[0] for t in transforms]
+        for a, b in zip(stacked, alone):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(stacked[0], stacked[1])
+
+
 @pytest.fixture(scope="module")
 def text_audit(tiny_bert, jsonl, tmp_path_factory):
     from splitaudit.runner import run_audit
