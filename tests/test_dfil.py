@@ -1,16 +1,26 @@
-"""dFIL (splitaudit.dfil): Hutchinson's estimate of tr(JᵀJ) against closed forms, and the noise's Fisher information."""
+"""dFIL (splitaudit.dfil): Hutchinson's estimate of tr(JᵀJ) against closed forms, the noise's Fisher information,
+and the fields every row carries (None where the reference does not apply)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from splitaudit.cache import Cache
+from splitaudit.config import AuditConfig
 from splitaudit.cuts import head_forward
 from splitaudit.defenses.base import make_defense
 from splitaudit.dfil import crb_mse, jacobian_trace
+from splitaudit.results import AuditResult
+from splitaudit.rows import RowBuilder
+from splitaudit.runner import run_audit
+from tests.conftest import write_tiny_npz
 from tests.tiny import TinyNet
 
 Z = 4.0  # tolerance in standard deviations of the estimate: a fixed seed, and a 4-sigma miss would be a real bug
@@ -64,7 +74,7 @@ def test_a_nonlinear_head_matches_its_exact_jacobian_per_input():
     """A conv, BatchNorm and ReLU head: the estimate at each input against tr(JᵀJ) of the full Jacobian there."""
     torch.manual_seed(0)
     net = TinyNet().eval()
-    x = torch.rand(6, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    x = torch.rand(3, 1, 12, 12, generator=torch.Generator().manual_seed(2))
     f = functools.partial(head_forward, net, "block")
     probes = 64
     t = jacobian_trace(f, x, probes=probes, generator=torch.Generator().manual_seed(3))
@@ -98,3 +108,64 @@ def test_the_noise_fisher_information_is_one_over_the_absolute_variance():
         d = make_defense(spec)
         assert d.noise_fisher(d.fit(z).state) is None, spec
     assert crb_mse(None) is None and crb_mse(0.0) is None
+
+
+def test_text_inputs_get_no_reference():
+    """Token ids have no Jacobian: the reference is None, and the head is never run."""
+
+    def never(*_a, **_k):
+        raise AssertionError("the head was run on token ids")
+
+    z = torch.randn(50, 8)
+    fitted = make_defense("noise:sigma=1").fit(z)
+    s = SimpleNamespace(x_eval=torch.zeros(4, 2, 16, dtype=torch.long), config=SimpleNamespace(seed=0))
+    rows = RowBuilder(s, None, None, None, SimpleNamespace(get=never), None, grids=False)
+    assert rows._noise_reference("block.0", fitted.defense, fitted) == {"dfil": None, "dfil_se": None, "crb_mse": None}
+    assert rows.dfil_info is None
+
+
+def test_an_identical_audit_reads_the_trace_from_the_cache(tmp_path):
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    x = torch.rand(8, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    s = SimpleNamespace(x_eval=x, config=SimpleNamespace(seed=0))
+    fitted = make_defense("noise:sigma=1").fit(torch.randn(50, 4, 12, 12))
+    prepared = SimpleNamespace(get=lambda d, cut: (net, "m", {}))
+    first, second = (RowBuilder(s, None, None, None, prepared, lambda _: contextlib.nullcontext(), grids=False,
+                                cache=Cache(tmp_path)) for _ in range(2))
+    a = first._noise_reference("block", fitted.defense, fitted)
+    assert second._noise_reference("block", fitted.defense, fitted) == a and a["dfil"] > 0
+    assert second.cache.stats()["by_kind"]["dfil"] == {"hits": 1, "misses": 0}
+    s.x_eval = x.flip(0)  # other inputs (another split, say): another key
+    third = RowBuilder(s, None, None, None, prepared, lambda _: contextlib.nullcontext(), grids=False, cache=Cache(tmp_path))
+    third._noise_reference("block", fitted.defense, fitted)
+    assert third.cache.stats()["by_kind"]["dfil"] == {"hits": 0, "misses": 1}
+
+
+DEFENSES = ("none", "dropout:p=0.5", "noise:sigma=0.5", "noise:sigma=2")
+
+
+def test_rows_carry_the_reference_only_under_noise(tmp_path):
+    npz = write_tiny_npz(tmp_path / "d.npz", n=240)
+    res = run_audit(AuditConfig(model="tests/tiny.py:build", data=str(npz), cuts=("stem",), defenses=DEFENSES, profile="quick",
+                                device="cpu", seed=0, use_cache=False))
+    rows = {(r.defense, r.adaptive): r for r in res.results}
+    low, high = (next(r for (d, a), r in rows.items() if d.startswith(f"noise:sigma={s},")) for s in ("0.5", "2"))
+    for r in res.results:
+        assert r.status == "ok", (r.defense, r.error)
+        assert r.mse is not None and r.baseline_mse is not None and r.mse_ci[0] <= r.mse <= r.mse_ci[1]
+        assert r.mse >= 10 ** (-r.psnr / 10) * (1 - 1e-4)  # mean MSE ≥ the MSE of the mean PSNR (Jensen)
+        if r.defense.startswith("noise"):
+            assert r.dfil > 0 and r.dfil_se > 0 and r.crb_mse == pytest.approx(1 / r.dfil, rel=1e-4)
+        else:  # none and dropout: no reference
+            assert r.dfil is None and r.dfil_se is None and r.crb_mse is None, r.defense
+    # One trace per cut, the same probes for every noise level: dFIL·σ² is the same, and 4× the σ is 16× less dFIL.
+    assert low.dfil / high.dfil == pytest.approx(16, rel=1e-4)
+    assert low.dfil * low.defense_info["noise_std"] ** 2 == pytest.approx(high.dfil * high.defense_info["noise_std"] ** 2, rel=1e-4)
+    assert res.config["dfil"]["samples"] == 64 and res.config["dfil"]["probes"] >= 1
+    assert "dfil" in res.config["timings"]
+    # A cross-check, not a verdict: the assessments are those of the same rows without it.
+    bare = replace(res, results=tuple(replace(r, dfil=None, dfil_se=None, crb_mse=None) for r in res.results))
+    assert [(a.cut, a.defense, a.status) for a in res.assessments()] == [(a.cut, a.defense, a.status) for a in bare.assessments()]
+    back = AuditResult.from_json(res.to_json())
+    assert [(r.dfil, r.crb_mse, r.mse, r.mse_ci) for r in back.results] == [(r.dfil, r.crb_mse, r.mse, r.mse_ci) for r in res.results]
