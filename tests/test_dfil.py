@@ -17,6 +17,7 @@ from splitaudit.config import AuditConfig
 from splitaudit.cuts import head_forward
 from splitaudit.defenses.base import make_defense
 from splitaudit.dfil import crb_mse, jacobian_trace
+from splitaudit.report.html import render_report
 from splitaudit.results import AuditResult
 from splitaudit.rows import RowBuilder
 from splitaudit.runner import run_audit
@@ -169,3 +170,6 @@ def test_rows_carry_the_reference_only_under_noise(tmp_path):
     assert [(a.cut, a.defense, a.status) for a in res.assessments()] == [(a.cut, a.defense, a.status) for a in bare.assessments()]
     back = AuditResult.from_json(res.to_json())
     assert [(r.dfil, r.crb_mse, r.mse, r.mse_ci) for r in back.results] == [(r.dfil, r.crb_mse, r.mse, r.mse_ci) for r in res.results]
+    page = render_report(res)
+    assert 'id="dfil"' in page and "unbiased" in page and "does not bound attackers that use a prior" in page
+    assert 'id="dfil"' not in render_report(bare)  # no noise reference, no section
