@@ -51,6 +51,12 @@ def attack_job(*, cut: str, attack: str, defense: str, kind: str, profile: str, 
     return key_of("attack-job", what, trained_model, victim, data_hash, aux_key, code)
 
 
+def dfil_trace(*, model_hash: str, inputs_hash: str, seed: int, cut: str, probes: int, method: str, code: str) -> str:
+    """The dFIL reference's tr(JᵀJ) per input at ``cut``: the inputs by their content (whatever split chose them),
+    the probes by the seed and the cut, estimated by ``code``."""
+    return key_of("dfil", model_hash, inputs_hash, seed, cut, probes, method, code)
+
+
 def utility(*, model_hash: str, victim: str, data_hash: str, cut: str, defense: str, seed: int, profile: str, code: str) -> str:
     """Accuracy and agreement of ``defense`` (whose source is ``code``) at ``cut`` on ``model_hash``
     (agreement is with ``victim``)."""

@@ -83,6 +83,17 @@ class ResultRow:
     reid_top1_ci: tuple[float, float] | None = None
     reid_chance: float | None = None  # 1 / N
     attack_accuracy: float | None = None  # the judge's accuracy on the reconstructions (None without labels)
+    # Mean squared error per input dimension (images: per pixel and channel, in [0, 1]), of the attack and of the
+    # no-information guess; None where inputs are not continuous (text).
+    mse: float | None = None
+    mse_ci: tuple[float, float] | None = None
+    baseline_mse: float | None = None
+    # An attack-independent reference for additive noise (splitaudit.dfil): dFIL at the cut under this defense's
+    # noise, its standard error, and the Cramér–Rao bound 1/dFIL on an *unbiased* attacker's MSE. Attackers that
+    # use a prior are biased and can beat it. None for every other defense and for text. Never part of a verdict.
+    dfil: float | None = None
+    dfil_se: float | None = None
+    crb_mse: float | None = None
     # The values of a modality's metrics that have no field of their own (``token_accuracy``,
     # ``token_accuracy_ci``, ``baseline_token_accuracy``...): flat keys of the row in results.json.
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -248,7 +259,7 @@ def _parse_constant(name: str):
 
 
 _TUPLE_FIELDS = {"shape", "aliases", "ssim_ci", "psnr_ci", "worst_indices", "flags", "notes", "ssim_gain_ci", "psnr_gain_ci",
-                 "reid_top1_ci"}
+                 "reid_top1_ci", "mse_ci"}
 
 
 _REQUIRED_FLOATS = {"ssim", "psnr", "baseline_ssim"}  # non-finite values are written as null

@@ -8,16 +8,21 @@ pick, and handed to the writer, which is the only code that writes files.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import replace
 
 import torch
 
+from splitaudit import cache_keys
+from splitaudit.cuts import head_forward
+from splitaudit.dfil import N_PROBES, N_SAMPLES, JacobianTrace, crb_mse, jacobian_trace
 from splitaudit.jobs import N_GRID, N_WORST, Scores
 from splitaudit.metrics import most_recognizable, summarize
 from splitaudit.results import ResultRow
 from splitaudit.scheduler import NOT_RUN, Scheduler
+from splitaudit.seeding import job_generator
 
 
 def image_name(cut: str, defense: str, attack: str, adaptive: bool, ext: str = "png") -> str:
@@ -29,6 +34,16 @@ def image_name(cut: str, defense: str, attack: str, adaptive: bool, ext: str = "
 
 def _r(v: float | None, nd: int = 5) -> float | None:
     return None if v is None else round(v, nd)
+
+
+def _sig(v: float | None, digits: int = 5) -> float | None:
+    """``v`` to ``digits`` significant digits (MSE and dFIL span decades); None for None and non-finite values."""
+    return None if v is None or not math.isfinite(v) else float(f"{v:.{digits}g}")
+
+
+def mse_from_psnr(psnr: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per-sample MSE per input dimension from per-sample PSNR (``10·log10(range²/MSE)``; images are in [0, 1])."""
+    return data_range**2 * torch.pow(10.0, -psnr.double() / 10)
 
 
 def _wire_bytes(defense, info) -> int:
@@ -45,18 +60,28 @@ class RowBuilder:
     """``build(cut)`` once a cut's jobs have ended (``all()`` builds any left, for cuts an interrupt left
     unfinished, and returns every row in grid order, flagged)."""
 
-    def __init__(self, scenario, scheduler: Scheduler, latency, utility, prepared, phase, *, grids: bool, judge=None):
+    def __init__(self, scenario, scheduler: Scheduler, latency, utility, prepared, phase, *, grids: bool, judge=None, cache=None):
         self.s, self.sched, self.latency, self.utility, self.prepared, self.phase = scenario, scheduler, latency, utility, prepared, phase
-        self.judge = judge
+        self.judge, self.cache = judge, cache
         self.want_grids = grids
         self.by_cut: dict[str, list[ResultRow]] = {}
         self.grids: dict[str, bytes] = {}  # image path -> PNG bytes
+        self.notes: list[str] = []  # for the result (a dFIL reference that could not be computed)
+        self._traces: dict[tuple[str, str], JacobianTrace | None] = {}  # (cut, model hash) -> tr(JᵀJ) of its head
+
+    @property
+    def dfil_info(self) -> dict | None:
+        """How the dFIL references were estimated (for the result's config), None when none was."""
+        t = next((t for t in self._traces.values() if t is not None), None)
+        return None if t is None else {"samples": int(t.per_sample.numel()), "probes": t.probes, "method": t.method,
+                                       "estimator": "Hutchinson, Rademacher probes"}
 
     def build(self, cut: str) -> None:
         s, sched = self.s, self.sched
         info = s.cut(cut)
         sched.plan(cut)  # a cut the audit never reached (interrupted) still lists every row it owes
         rows: list[ResultRow] = []
+        reference = {d.spec: self._noise_reference(cut, d, sched.fitted.get((cut, d.spec))) for d in s.defenses}
         with self.phase("scoring"):
             for defense in s.defenses:
                 spec = defense.spec
@@ -70,7 +95,10 @@ class RowBuilder:
                     bytes_per_sample=_wire_bytes(defense, info),
                     defense_info={**dinfo, **(fitted.info() if fitted is not None else {})},
                     **{f"baseline_{m.name}": round(float(s.baseline[m.name].mean()), m.precision) for m in s.modality.metrics},
+                    **reference[spec],
                 )
+                if "psnr" in s.baseline:
+                    common["baseline_mse"] = _sig(float(mse_from_psnr(s.baseline["psnr"]).mean()))
                 for attack in s.config.attacks:
                     variants = []
                     if spec != "none" and (cut, attack, spec) in sched.jobs:
@@ -82,6 +110,47 @@ class RowBuilder:
                             report = {"converged": False, "error": self.prepared.error(defense, cut) or NOT_RUN}
                         rows.append(self._row(common, attack, adaptive, scores, report))
         self.by_cut[cut] = rows
+
+    def _noise_reference(self, cut: str, defense, fitted) -> dict:
+        """dFIL, its standard error and the Cramér–Rao bound on an unbiased attacker's MSE at ``cut`` under
+        ``defense``'s noise (:mod:`splitaudit.dfil`), None for a defense that adds no noise of known density and
+        for inputs that are not continuous (text token ids). One estimate of tr(JᵀJ) per cut and model serves
+        every noise level there, with the same probes."""
+        fisher = fitted.defense.noise_fisher(fitted.state) if fitted is not None else None
+        x = self.s.x_eval
+        out = {"dfil": None, "dfil_se": None, "crb_mse": None}
+        if fisher is None or not torch.is_floating_point(x):
+            return out
+        model, model_hash, _ = self.prepared.get(defense, cut)
+        key = (cut, model_hash)
+        if key not in self._traces:
+            with self.phase("dfil"):
+                try:
+                    self._traces[key] = self._trace(model, model_hash, cut, x[:N_SAMPLES])
+                except Exception as exc:  # noqa: BLE001 - a cross-check that fails leaves its fields null, never the audit
+                    self._traces[key] = None
+                    self.notes.append(f"dFIL at {cut} not computed ({type(exc).__name__}: {exc})")
+        trace = self._traces[key]
+        if trace is None:
+            return out
+        dfil, se = trace.dfil(fisher)
+        return {"dfil": _sig(dfil), "dfil_se": _sig(se), "crb_mse": _sig(crb_mse(dfil))}
+
+    def _trace(self, model, model_hash: str, cut: str, x: torch.Tensor) -> JacobianTrace:
+        """tr(JᵀJ) of the head at ``cut`` on the inputs ``x``, from the cache when an identical audit estimated it."""
+        s, method = self.s, "vjp"
+        inputs = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes() + repr(tuple(x.shape)).encode()).hexdigest()
+        key = cache_keys.dfil_trace(model_hash=model_hash, inputs_hash=inputs, seed=s.config.seed, cut=cut, probes=N_PROBES,
+                                    method=method, code=cache_keys.code_of(jacobian_trace))
+        hit = self.cache.get("dfil", key) if self.cache is not None else None
+        if hit is not None:
+            return JacobianTrace(**hit)
+        trace = jacobian_trace(functools.partial(head_forward, model, cut), x, generator=job_generator(s.config.seed, cut, "dfil"),
+                               method=method)
+        if self.cache is not None:
+            self.cache.put("dfil", key, {"per_sample": trace.per_sample, "input_dim": trace.input_dim, "probes": trace.probes,
+                                         "method": trace.method})
+        return trace
 
     def _row(self, common: dict, attack: str, adaptive: bool, scores: Scores | None, report: dict) -> ResultRow:
         s, modality = self.s, self.s.modality
@@ -109,6 +178,9 @@ class RowBuilder:
                 summ = summarize(v.cpu(), resamples=s.resamples)
                 values.setdefault(f"{metric}_by_kind", {})[name] = {"mean": round(summ.mean, 5),
                                                                     "ci": [round(summ.ci[0], 5), round(summ.ci[1], 5)]}
+        if "psnr" in scores.values:  # MSE per pixel, next to the dFIL reference's bound on it
+            summ = summarize(mse_from_psnr(scores.values["psnr"].cpu()), resamples=s.resamples)
+            values["mse"], values["mse_ci"] = _sig(summ.mean), (_sig(summ.ci[0]), _sig(summ.ci[1]))
         put("reid_top1", scores.values["reid_top1"].cpu(), 5)
         values["reid_chance"] = round(1 / s.n_eval, 6)
         if "reid_top1_features" in scores.values:

@@ -79,7 +79,8 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
         with executor:
             store = ActivationStore(s, cache, flops)
             sched = Scheduler(s, executor, prepared, store, utility, cache, reporter, timings.phase, judge=judge)
-            rows = RowBuilder(s, sched, latency, utility, prepared, timings.phase, grids=config.out is not None, judge=judge)
+            rows = RowBuilder(s, sched, latency, utility, prepared, timings.phase, grids=config.out is not None, judge=judge,
+                              cache=cache)
             sched.on_cut_done = rows.build  # a cut's rows are built while the next cuts train
             try:
                 sched.run()
@@ -94,7 +95,9 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
     if warming is not None:
         warming.join()  # pyplot is not thread-safe: the report is drawn after the warm-up, never beside it
     executor_info = {"executor": executor.name, "workers": executor.workers, "threads_per_job": sched.threads_per_job}
-    result = _result(s, cut_infos, rows.all(), rows.grids, utility.notes, cache, timings, executor_info, t_start, interrupted, judge)
+    result_rows = rows.all()
+    result = _result(s, cut_infos, result_rows, rows.grids, utility.notes + rows.notes, cache, timings, executor_info, t_start, interrupted, judge,
+                     dfil=rows.dfil_info)
     if interrupted:
         raise AuditInterrupted(result)
     return result
@@ -134,7 +137,8 @@ def _environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def _result(s: Scenario, cut_infos, rows, grids, notes_extra, cache, timings, executor_info, t_start, interrupted, judge) -> AuditResult:
+def _result(s: Scenario, cut_infos, rows, grids, notes_extra, cache, timings, executor_info, t_start, interrupted, judge,
+            dfil: dict | None = None) -> AuditResult:
     cfg = s.config
     notes = list(s.notes) + list(notes_extra)
     if interrupted:
@@ -163,6 +167,7 @@ def _result(s: Scenario, cut_infos, rows, grids, notes_extra, cache, timings, ex
             "cache": cache.stats(),
             "timings": {k: round(v, 2) for k, v in list(timings.items())},  # a snapshot: a fine-tuning may still add to it
             **executor_info, "interrupted": interrupted,
+            **({"dfil": dfil} if dfil is not None else {}),  # how the noise defenses' dFIL references were estimated
         },
         threshold=cfg.threshold,
         reid_threshold=cfg.reid_threshold,

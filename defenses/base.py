@@ -104,6 +104,13 @@ class Defense:
         """What the fitted transform is, for the report (default: nothing)."""
         return {}
 
+    def noise_fisher(self, state: Mapping[str, Any]) -> float | None:
+        """The Fisher information about its location that the noise the transform adds leaves per activation
+        coordinate (``1/σ²`` for Gaussian noise of absolute std ``σ``), for the dFIL reference
+        (:mod:`splitaudit.dfil`); None (the default) for a transform that is not additive noise of known
+        density, or adds none."""
+        return None
+
     def prepare_model(
         self, model: nn.Module, *, cut: str | None, ctx: PrepareContext, state: dict[str, torch.Tensor] | None = None
     ) -> ModelChange:

@@ -49,6 +49,13 @@ class NoiseDefense(Defense):
     def describe(self, state):
         return {"noise_std": state.get("scale")}
 
+    def noise_fisher(self, state):
+        """1/σ² for Gaussian noise of std σ; for Laplace noise of the same std (scale b = σ/√2), 1/b² = 2/σ²."""
+        scale = state.get("scale")
+        if not scale or scale <= 0:  # sigma=0 adds no noise: no finite reference
+            return None
+        return (2.0 if self.config.kind == "laplace" else 1.0) / scale**2
+
 
 @dataclass(frozen=True)
 class DropoutConfig:

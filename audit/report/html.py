@@ -421,6 +421,29 @@ def _sig3(v: Any) -> str:
     return _sig(float(v), 3)
 
 
+def _fisher_view(result: AuditResult, cut_names: list[str], defenses: list[str]) -> list[dict[str, Any]]:
+    """One line per (cut, noise defense) with a dFIL reference (:mod:`splitaudit.dfil`): the bound on an unbiased
+    attacker's MSE next to the lowest MSE an attack reached there and the no-information guess's. Informational:
+    no verdict reads it."""
+    out = []
+    for cut in cut_names:
+        for d in defenses:
+            rows = result.rows(cut=cut, defense=d)
+            ref = next((r for r in rows if _finite(r.dfil)), None)
+            if ref is None:
+                continue
+            scored = [r for r in rows if r.status != "failed" and _finite(r.mse)]
+            best = min(scored, key=lambda r: r.mse) if scored else None
+            crb = ref.crb_mse if _finite(ref.crb_mse) else math.nan
+            out.append({
+                "cut": cut, "defense": d, "noise_std": ref.defense_info.get("noise_std"), "dfil": ref.dfil, "dfil_se": ref.dfil_se,
+                "crb": crb, "mse": best.mse if best else math.nan, "attack": _attack_name(best) if best else "n/a",
+                "baseline": ref.baseline_mse if _finite(ref.baseline_mse) else math.nan,
+                "below": best is not None and math.isfinite(crb) and best.mse < crb,
+            })
+    return out
+
+
 # --- context ------------------------------------------------------------------------------------------
 def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str, Any]:
     """Everything the template shows, as plain data; the template only lays it out."""
@@ -576,6 +599,7 @@ def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str,
             "before": info.get("accuracy_before"), "after": info.get("accuracy_after"),
             "layers": info.get("changed_layers"), "note": info.get("note") or DPSGD_NOTE,
         })
+    fisher = _fisher_view(result, cut_names, defenses)
     flags = [{"row": r, "flag": f} for r in result.results for f in r.flags]
     row_notes = list(dict.fromkeys(f"{r.cut} / {r.defense} / {_attack_name(r)}: {n}" for r in result.results for n in r.notes))
     failed = [r for r in result.results if r.status == "failed"]
@@ -634,6 +658,8 @@ def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str,
         "costs": costs,
         "gaps": gaps,
         "dp": dp,
+        "fisher": fisher,
+        "fisher_how": result.config.get("dfil") if isinstance(result.config.get("dfil"), dict) else {},
         "flags": flags,
         "row_notes": row_notes,
         "failed": failed,
