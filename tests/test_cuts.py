@@ -207,3 +207,11 @@ def test_predict_each_gives_each_transform_an_activation_of_its_own():
     each = predict_each(net, x, "0", transforms(), batch_size=32)
     alone = [predict(net, x, cut="0", transform=t, batch_size=32) for t in transforms()]
     assert all(torch.equal(a, b) for a, b in zip(each, alone))
+
+
+def test_he_et_al_lenet_has_their_unpadded_shapes_under_lenets_layer_names():
+    from splitaudit.models import build_model
+
+    model = build_model("builtin:lenet-he", in_channels=1, num_classes=10)
+    shapes = {c.name: c.shape for c in discover_cuts(model, torch.zeros(2, 1, 28, 28)).cuts}
+    assert (shapes["conv1"], shapes["relu2"], shapes["pool2"], shapes["fc1"]) == ((8, 24, 24), (16, 8, 8), (16, 4, 4), (120,))
