@@ -4,6 +4,7 @@ job graph (it starts from the audit's own decoder of the same cut and defense) a
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import replace
 
 import pytest
@@ -67,6 +68,11 @@ def test_the_hybrid_matches_the_activation_at_least_as_well_as_the_decoders_star
     assert float(fid_rec.mean()) < 0.5 * float(fid_start.mean())  # and the optimization did improve on it
     assert report.notes[0] == "started from the audit's decoder for this cut and defense"
     assert all(p.grad is None for p in model.parameters())
+    # The step (rule, size) was picked with lambda on aux data: the best of the profile's candidates.
+    note = next(n for n in report.notes if n.startswith("step picked"))
+    scores = {k: float(v) for k, v in re.findall(r"(\w+ [\d.]+): (-?[\d.]+)", note)}
+    assert set(scores) == {f"{r} {lr:g}" for r, lr in hybrid.steps} and len(scores) == 3
+    assert scores[f"{hybrid.rule} {hybrid.lr:g}"] == max(scores.values())
 
 
 @pytest.mark.parametrize("attack, moves_unseen", [("hybrid", False), ("rmle", True)])
