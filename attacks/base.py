@@ -62,7 +62,11 @@ class Attack:
       load its fitted state (``state``, ``load_state``), so the runner refines one base fit per cut instead of
       fitting every defense from scratch, and caches what it fitted;
     - ``holds_out``: ``fit`` keeps a held-out part of the aux data (``holdout``, indices) on which an adaptive
-      attacker compares its refinement with the undefended attack.
+      attacker compares its refinement with the undefended attack;
+    - ``starts_from``: the name of another attack whose fitted instance it starts from (``start_from``), as
+      the hybrid starts its optimization from the decoder's reconstruction. Where that attack runs in the same
+      audit, the runner hands it that attack's fitted instance for the same (cut, defense), adaptive where
+      that one is, instead of fitting it twice; otherwise ``fit`` fits its own.
 
     ``fit`` returns a :class:`FitReport`; ``reconstruct`` rebuilds inputs from activations.
     """
@@ -73,6 +77,7 @@ class Attack:
     needs_fit: ClassVar[bool] = True
     warm_start: ClassVar[bool] = False
     holds_out: ClassVar[bool] = False
+    starts_from: ClassVar[str | None] = None
     holdout: torch.Tensor | None = None
     # What ``fit`` found against the no-information guess: "beaten", "not beaten after a restart" (a finding:
     # nothing usable in the activation) or "not beaten, no restart" (no conclusion yet); None: not checked.
@@ -86,6 +91,10 @@ class Attack:
 
     def warm_start_from(self, other: Attack) -> None:
         raise NotImplementedError(f"attack {self.name} cannot warm-start")
+
+    def start_from(self, other: Attack, *, converged: bool = True) -> None:
+        """Start from ``other``, fitted (``converged``: whether its fit converged, as its own row says)."""
+        raise NotImplementedError(f"attack {self.name} starts from no other attack")
 
     def state(self) -> dict:
         raise NotImplementedError(f"attack {self.name} has no state to save")

@@ -45,6 +45,9 @@ Where it is weak: at deep and vector cuts (a classifier's last layers) many inpu
 TV prior knows nothing about the data, so rMLE drifts towards the prior or below it; the decoder,
 which learns the data distribution, is stronger there. The runner's headline takes the stronger.
 
+The hybrid (``attacks/hybrid.py``) is this optimization with another start (the decoder's
+reconstruction), another step (``_step``) and budgets of its own (``profiles``).
+
 Cost: iterations x (restarts + 1) forward and backward passes of the head per sample, plus the
 lambda grid (``select`` aux samples x the grid) once per fit. Standard profile, LeNet, 1,000 MNIST
 images, one CPU thread: 13 s at conv1 and 19 s at ReLU2, fit included. Nothing is cached between
@@ -57,6 +60,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -114,11 +118,14 @@ class RMLEAttack(Attack):
     white_box = True
     needs_fit = True  # fit picks lambda and the activation scale on aux data
 
+    profiles: ClassVar[dict[str, _Profile]] = PROFILES  # a subclass (hybrid) brings budgets of its own
+    steps_are: ClassVar[str] = "Adam steps"  # what _step takes, for the notes
+
     def __init__(self, *, profile: str = "standard", params: dict | None = None):
-        self.config = build_config(RMLEConfig, params or {}, what="attack rmle")
+        self.config = build_config(RMLEConfig, params or {}, what=f"attack {self.name}")
         if self.config.tv < 0 and self.config.tv != -1:
-            raise SpecError(f"attack rmle: tv={self.config.tv:g} is out of range; allowed: -1 (pick on aux data) or [0, 1000]")
-        p = PROFILES[profile]
+            raise SpecError(f"attack {self.name}: tv={self.config.tv:g} is out of range; allowed: -1 (pick on aux data) or [0, 1000]")
+        p = self.profiles[profile]
         self.iterations = self.config.iterations or p.iterations
         self.lr = self.config.lr or p.lr
         self.restarts = p.restarts if self.config.restarts < 0 else self.config.restarts
@@ -132,6 +139,10 @@ class RMLEAttack(Attack):
         # Called every few steps with (step, steps, objective): progress bars, and the runner's way to
         # stop a running job on Ctrl-C (the callback raises).
         self._tick: Callable[[int, int, float], None] | None = None
+        # The aux samples lambda may be picked on (None: all of them); the hybrid narrows it to the ones its
+        # decoder did not train on.
+        self._pool: torch.Tensor | None = None
+        self.selection: tuple[torch.Tensor, float] | None = None
 
     # -- fit: the scale of the data term and lambda, on aux data --
     def fit(self, z_aux: torch.Tensor, x_aux: torch.Tensor, ctx: AttackContext) -> FitReport:
@@ -153,8 +164,8 @@ class RMLEAttack(Attack):
                          "samples optimized together are then coupled")
 
         # Every lambda of the grid on the same aux subset, all in one batch (one lambda per sample).
-        n = z_aux.shape[0]
-        idx = torch.randperm(n, generator=gen)[: min(self.select, n)].to(z_aux.device)
+        pool = torch.arange(z_aux.shape[0]) if self._pool is None else self._pool.cpu()
+        idx = pool[torch.randperm(len(pool), generator=gen)[: min(self.select, len(pool))]].to(z_aux.device)
         zs, xs = z_aux[idx], x_aux[idx]
         k, m = len(self.grid), len(idx)
         lams = torch.tensor(self.grid, dtype=xs.dtype, device=xs.device).repeat_interleave(m)
@@ -165,9 +176,10 @@ class RMLEAttack(Attack):
         score_k = sel.view(k, m).mean(dim=1)
         finite = [i for i in range(k) if math.isfinite(float(score_k[i]))]
         if not finite:
-            raise RuntimeError("rmle: the optimization produced non-finite reconstructions for every lambda")
+            raise RuntimeError(f"{self.name}: the optimization produced non-finite reconstructions for every lambda")
         best = max(finite, key=lambda i: float(score_k[i]))
         self.lam = float(self.grid[best])
+        self.selection = (idx, float(score_k[best]))  # the aux samples lambda was picked on, and its score there
         mse = float(mse_k[best])
         baseline = float(F.mse_loss(self.prior.expand_as(xs), xs))
         metric = "SSIM" if by == "ssim" else "-MSE"
@@ -177,7 +189,7 @@ class RMLEAttack(Attack):
         else:
             notes.insert(0, f"lambda={self.lam:g} given; {metric} {float(score_k[0]):.3f} on {m} aux samples")
         notes.append(
-            f"{self.iterations} Adam steps x {self.restarts + 1} run(s), lr {self.lr:g}, data term scaled by 1/{self.scale:.3g}"
+            f"{self.iterations} {self.steps_are} x {self.restarts + 1} run(s), lr {self.lr:g}, data term scaled by 1/{self.scale:.3g}"
         )
         beats = mse < 0.9 * baseline
         if not beats:
@@ -216,14 +228,18 @@ class RMLEAttack(Attack):
             plateaued &= flat
         return torch.cat(outs), plateaued
 
-    def _invert_chunk(self, z, lams, gen: torch.Generator, restarts: int) -> tuple[torch.Tensor, bool]:
+    def _invert_chunk(self, z, lams, gen: torch.Generator, restarts: int, start: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """The best of ``restarts + 1`` runs per sample; the first run starts from ``start`` (None: the mean aux image)."""
         n = z.shape[0]
         shape = (n, *self.prior.shape[1:])
         best_x = self.prior.expand(shape).clone()
         best_obj = torch.full((n,), math.inf, device=z.device, dtype=self.prior.dtype)
         plateaued = True
         for run in range(restarts + 1):
-            x0 = self.prior.expand(shape) if run == 0 else torch.rand(shape, generator=gen, device=z.device, dtype=self.prior.dtype)
+            if run == 0:
+                x0 = self.prior.expand(shape) if start is None else start
+            else:
+                x0 = torch.rand(shape, generator=gen, device=z.device, dtype=self.prior.dtype)
             x, obj, flat = self._descend(x0, z, lams)
             better = obj < best_obj
             best_x[better] = x[better]
@@ -231,16 +247,30 @@ class RMLEAttack(Attack):
             plateaued &= flat
         return best_x, plateaued
 
+    def _fidelity(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Per-sample data term (the activation-matching loss), shape ``(N,)``."""
+        out = self.head(x)
+        return (out - z.to(out.dtype)).square().flatten(1).mean(dim=1) / self.scale
+
     def _objective(self, x: torch.Tensor, z: torch.Tensor, lams: torch.Tensor) -> torch.Tensor:
         """Per-sample objective, shape ``(N,)``."""
-        out = self.head(x)
-        fid = (out - z.to(out.dtype)).square().flatten(1).mean(dim=1) / self.scale
-        return fid + lams * total_variation(x)
+        return self._fidelity(x, z) + lams * total_variation(x)
+
+    def _optimizer(self, x: torch.Tensor):
+        return torch.optim.Adam([x], lr=self.lr)
+
+    def _step(self, opt, x: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        """One step of ``x`` (before the projection) along ``grad`` with step size ``lr``: Adam's."""
+        x.grad = grad
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
 
     def _descend(self, x0, z, lams) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """One projected-Adam run; returns the best iterate per sample, its objective, and a plateau flag."""
+        """One projected run (the step: :meth:`_step`); returns the best iterate per sample, its objective, and a
+        plateau flag."""
         x = x0.detach().clone().clamp_(0, 1).requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=self.lr)
+        opt = self._optimizer(x)
         steps = self.iterations
         best_x = x.detach().clone()
         best_obj = torch.full((x.shape[0],), math.inf, device=x.device, dtype=x.dtype)
@@ -258,10 +288,8 @@ class RMLEAttack(Attack):
                 if step == steps:
                     break
                 (grad,) = torch.autograd.grad(obj.sum(), x)  # gradients reach x only, never the weights
-                x.grad = grad
-                for group in opt.param_groups:  # cosine decay to 1% of lr
-                    group["lr"] = self.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-                opt.step()
+                # cosine decay to 1% of lr
+                self._step(opt, x, grad, self.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps))))
                 with torch.no_grad():
                     x.clamp_(0, 1)
         # Plateaued: the last fifth of the run improved the mean objective by under 1%.

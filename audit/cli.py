@@ -185,7 +185,7 @@ def audit(
     weights: Annotated[Optional[Path], typer.Option(help="state dict, loaded with weights_only=True")] = None,
     cut: Annotated[Optional[list[str]], typer.Option("--cut", help="module name; repeat; default every candidate")] = None,
     defense: Annotated[Optional[list[str]], typer.Option("--defense", help="NAME[:key=value,...]; repeat; default none")] = None,
-    attack: Annotated[Optional[list[str]], typer.Option("--attack", help="attack name; repeat; default decoder")] = None,
+    attack: Annotated[Optional[list[str]], typer.Option("--attack", help="attack name: decoder; white-box: rmle, hybrid (images), whitebox (text); repeat; default decoder")] = None,
     profile: ProfileOpt = Profile.standard,
     device: DeviceOpt = Device.auto,
     seed: SeedOpt = 0,

@@ -75,6 +75,8 @@ class JobInputs:
     # never do worse than not adapting because a short refinement had not settled yet.
     candidate_state: dict | None = None
     candidate_converged: bool = True
+    start_state: dict | None = None  # the fitted state of the attack it starts from (``starts_from``) for this (cut, defense)
+    start_converged: bool = True  # whether that attack's fit converged
     cached: dict | None = None  # {"state", "report"}: the fitted attack from the cache; the job only scores
     judge: nn.Module | None = None  # the independent classifier that labels reconstructions (None: no labels)
     judge_features: torch.Tensor | None = None  # its features of the evaluation originals
@@ -119,6 +121,7 @@ class PlannedJob:
     role: str  # "base" (the clean fit a refinement starts from) | "clean" (the undefended attacker) | a defense spec
     spec: JobSpec
     after: str | None = None  # the role of the job whose output it waits for (None: it can start at once)
+    after_attack: str | None = None  # that job's attack (None: its own); set for an attack that starts from another
 
 
 def plan_cut(cut: str, *, attacks: Sequence[str], defenses: Sequence[Defense], profile: str, seed: int, device: str = "cpu",
@@ -131,7 +134,9 @@ def plan_cut(cut: str, *, attacks: Sequence[str], defenses: Sequence[Defense], p
     cut look leakier than the undefended one). An adaptive job waits for the undefended one: it is its
     other candidate. The undefended attacker is also scored on every defended activation (the
     non-adaptive rows). An attack that cannot warm-start (rMLE) is fitted afresh per defense; one that
-    learns nothing from aux data is not re-fitted for an activation defense, only scored.
+    learns nothing from aux data is not re-fitted for an activation defense, only scored. An attack that
+    starts from another (the hybrid, from the decoder) waits, when that one is in ``attacks`` too, for its
+    job of the same defense (its "clean" job when it has none there), and starts from what it fitted.
     """
     specs = tuple(d.spec for d in defenses)
     out: list[PlannedJob] = []
@@ -151,6 +156,12 @@ def plan_cut(cut: str, *, attacks: Sequence[str], defenses: Sequence[Defense], p
             spec = JobSpec(defense=d.spec, kind="refine" if cls.warm_start else "fit", epochs=adaptive_epochs if cls.warm_start else None,
                            score=(d.spec,), label=f"{cut}: {name} adapted to {d.spec}", **common)
             out.append(PlannedJob(d.spec, spec, after="clean" if cls.warm_start else None))
+    roles = {(j.spec.attack, j.role) for j in out}
+    for i, job in enumerate(out):
+        source = ATTACKS[job.spec.attack].starts_from
+        if source in attacks and job.after is None and source != job.spec.attack:
+            role = job.role if (source, job.role) in roles else "clean"
+            out[i] = replace(job, after=role, after_attack=source)
     return out
 
 
@@ -173,6 +184,10 @@ def run_job(spec: JobSpec, inputs: JobInputs, *, on_epoch: Callable[[int, int, f
             base = make_attack(spec.attack, profile=spec.profile)
             base.load_state(inputs.base_state, tuple(z_train.shape[1:]), tuple(x_aux.shape[1:]), device=z_train.device)
             attack.warm_start_from(base)
+        if inputs.start_state is not None:  # the fitted attack it starts from, for this (cut, defense)
+            source = make_attack(attack.starts_from, profile=spec.profile)
+            source.load_state(inputs.start_state, tuple(z_train.shape[1:]), tuple(x_aux.shape[1:]), device=z_train.device)
+            attack.start_from(source, converged=inputs.start_converged)
         white_box = attack.white_box
         if white_box and inputs.head is None:
             raise RuntimeError(f"{spec.attack} is a white-box attack and its job was given no head")

@@ -59,6 +59,7 @@ def _task(spec: JobSpec, inputs: JobInputs, events, threads: int) -> JobOutput:
         x_aux=_resolve(inputs.x_aux).to(device), x_eval=_resolve(inputs.x_eval).to(device), acts=acts, fitted=inputs.fitted,
         head=None if head is None else head.to(device), base_state=_resolve(inputs.base_state),
         candidate_state=_resolve(inputs.candidate_state), candidate_converged=inputs.candidate_converged, cached=inputs.cached,
+        start_state=_resolve(inputs.start_state), start_converged=inputs.start_converged,
         judge=None if judge is None else judge.to(device), y_eval=None if y_eval is None else y_eval.to(device),
         judge_features=None if judge_features is None else judge_features.to(device),
         prior_scores=None if prior_scores is None else prior_scores.to(device),

@@ -108,7 +108,7 @@ class Scheduler:
             if job.after is None:
                 self._submit_dep(job.spec, None)
             else:
-                after = self.jobs[(cut, job.spec.attack, job.after)]
+                after = self.jobs[(cut, job.after_attack or job.spec.attack, job.after)]
                 self._waiting.setdefault(after.id, []).append(job.spec)
         self._todo.append((cut, early))  # measured in a pump of its own (the next cuts' first jobs go out first)
 
@@ -135,7 +135,8 @@ class Scheduler:
                 todo.append((d, model_d, hash_d, self.fitted.get((cut, d.spec))))
             self.utility.measure(cut, todo)
 
-    def _submit(self, spec: JobSpec, base_state: dict | None = None, candidate: JobOutput | None = None) -> None:
+    def _submit(self, spec: JobSpec, base_state: dict | None = None, candidate: JobOutput | None = None,
+                start: JobOutput | None = None) -> None:
         s = self.s
         inp = self._inputs[spec.cut]
         # A changed model whose fine-tuning failed is not scored on: its rows carry that error, and
@@ -159,6 +160,8 @@ class Scheduler:
             base_state=None if base_state is None else self.ex.put(("base", spec.cut, spec.attack), base_state),
             candidate_state=None if candidate is None else self.ex.put(("clean", spec.cut, spec.attack), candidate.state),
             candidate_converged=True if candidate is None else bool(candidate.report.get("converged", True)), cached=hit,
+            start_state=None if start is None else self.ex.put(("start", spec.cut, spec.attack, spec.defense), start.state),
+            start_converged=True if start is None else bool(start.report.get("converged", True)),
             judge=inp["judge"], judge_features=inp["judge_features"], y_eval=inp["y_eval"], prior_scores=inp["prior"],
         )
         self._tasks[spec.id] = self.reporter.open(spec.label + (" (cached)" if hit else ""))
@@ -210,6 +213,11 @@ class Scheduler:
         """Submit ``dep``, which waited for ``out`` (None: for nothing); held back (unless ``wait``)
         while a model it needs is being fine-tuned."""
         base_state = None
+        source = ATTACKS[dep.attack].starts_from
+        starts = source in self.s.config.attacks and source != dep.attack  # it waited for that attack's job of its defense
+        if starts and not (isinstance(out, JobOutput) and out.state is not None):
+            self._finish(dep, RuntimeError(f"the {source} it starts from failed: {error_text(out)}"))
+            return
         if dep.kind == "refine":
             base = self.outputs.get(self.jobs[(dep.cut, dep.attack, "base")].id)
             if not (isinstance(base, JobOutput) and base.state is not None):
@@ -220,10 +228,11 @@ class Scheduler:
             self._deferred.append((dep, out))
             return
         try:
-            # The other candidate: the undefended attacker for an adaptive one; for the undefended refinement, its
-            # start (the base fit), so that its extra epoch can never make it worse than what it started from.
-            candidate = out if isinstance(out, JobOutput) and (dep.defense != "none" or dep.kind == "refine") else None
-            self._submit(dep, base_state=base_state, candidate=candidate)
+            # What it waited for is a start (``starts_from``), or its other candidate: the undefended attacker for
+            # an adaptive one; for the undefended refinement, its start (the base fit), so that its extra epoch can
+            # never make it worse than what it started from.
+            candidate = out if not starts and isinstance(out, JobOutput) and (dep.defense != "none" or dep.kind == "refine") else None
+            self._submit(dep, base_state=base_state, candidate=candidate, start=out if starts else None)
         except UserError:
             raise  # a defense that cannot change this model (found while fine-tuning): bad input, exit 2
         except Exception as exc:  # noqa: BLE001 - e.g. the object store is full: that job's failure

@@ -172,3 +172,11 @@ def test_progress_keeps_phases_on_screen_and_drops_finished_jobs():
     assert "training builtin:lenet" in shown and "relu1: decoder" in shown  # a phase, and a job still running
     assert "conv1: decoder" not in shown  # a finished job leaves the screen
     running.close()
+
+
+def test_audit_help_names_every_registered_attack(capsys):
+    from splitaudit.attacks.base import ATTACKS
+
+    code, out, _ = run(capsys, "audit", "--help")
+    assert code == 0
+    assert set(ATTACKS) <= set(out.replace(",", " ").replace("(", " ").replace(";", " ").split())
