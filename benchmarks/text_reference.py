@@ -60,7 +60,7 @@ def main() -> None:
     for cut in s.cuts:
         za, ze = store.get(s.model, s.model_hash, cut.name)
         if za.dim() != 3:
-            print(f"{cut.name:<12}{'(vector)':>10}{theirs.get(cut.name, float('nan')):>10.3f}")
+            print(f"{cut.name:<12}{'(vector)':>10}{theirs.get(cut.name, float('nan')):>10.4f}")
             continue
         t0 = time.perf_counter()
         mean, std = za.mean(dim=(0, 1)), za.std(dim=(0, 1)).clamp_min(1e-6)
@@ -77,7 +77,7 @@ def main() -> None:
         with torch.no_grad():
             pred = vocab[mlp((ze - mean) / std).argmax(-1)]
         acc = float(token_accuracy(torch.stack([pred, torch.zeros_like(pred)], 1), xe).mean())
-        print(f"{cut.name:<12}{acc:>10.3f}{theirs.get(cut.name, float('nan')):>10.3f}{time.perf_counter() - t0:>9.1f}", flush=True)
+        print(f"{cut.name:<12}{acc:>10.4f}{theirs.get(cut.name, float('nan')):>10.4f}{time.perf_counter() - t0:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":
