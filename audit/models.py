@@ -24,50 +24,26 @@ from splitaudit.specs import parse_model_spec
 
 
 class LeNet(nn.Module):
-    """LeNet-5 style network for 28x28 digits (the kind of model He et al. 2019 attack on MNIST)."""
+    """LeNet-5 style network for 28x28 digits (the kind of model He et al. 2019 attack on MNIST).
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)
-        self.relu1 = nn.ReLU()
-        self.pool1 = nn.MaxPool2d(2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.relu2 = nn.ReLU()
-        self.pool2 = nn.MaxPool2d(2)
-        self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.relu3 = nn.ReLU()
-        self.fc2 = nn.Linear(120, 84)
-        self.relu4 = nn.ReLU()
-        self.fc3 = nn.Linear(84, num_classes)
-
-    def forward(self, x):
-        x = self.pool1(self.relu1(self.conv1(x)))
-        x = self.pool2(self.relu2(self.conv2(x)))
-        x = self.relu3(self.fc1(self.flatten(x)))
-        x = self.relu4(self.fc2(x))
-        return self.fc3(x)
-
-
-class LeNetHe(nn.Module):
-    """The MNIST LeNet of He, Zhang and Lee (ACSAC 2019): LeNet-5 with unpadded 5x5 convolutions and 8
-    channels at conv1, so 28x28 becomes 24x24 at ``conv1`` and 8x8 at ``relu2`` (4x4 after ``pool2``).
-
-    Those shapes are the point: activations whose size does not divide the input's. The layer names
-    are ``builtin:lenet``'s, so a cut names the same layer in both. A class of its own rather than a
-    subclass: a builtin's cache key hashes its class's source, which would miss an edit to a parent.
+    ``builtin:lenet`` pads conv1 (6 channels), so conv1 keeps 28x28 and relu2 is 10x10.
+    ``builtin:lenet-he`` is He, Zhang and Lee's own MNIST LeNet (ACSAC 2019): unpadded 5x5 convolutions
+    and 8 channels at conv1, so 28x28 becomes 24x24 at ``conv1`` and 8x8 at ``relu2`` (4x4 after
+    ``pool2``): activations whose size does not divide the input's. Both have the same layer names, so
+    a cut names the same layer in both.
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, *, conv1_channels: int = 6, padding: int = 2):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 8, 5)
+        self.conv1 = nn.Conv2d(in_channels, conv1_channels, 5, padding=padding)
         self.relu1 = nn.ReLU()
         self.pool1 = nn.MaxPool2d(2)
-        self.conv2 = nn.Conv2d(8, 16, 5)
+        self.conv2 = nn.Conv2d(conv1_channels, 16, 5)
         self.relu2 = nn.ReLU()
         self.pool2 = nn.MaxPool2d(2)
         self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(16 * 4 * 4, 120)
+        side = ((28 + 2 * padding - 4) // 2 - 4) // 2  # after conv1, pool1, conv2 and pool2
+        self.fc1 = nn.Linear(16 * side * side, 120)
         self.relu3 = nn.ReLU()
         self.fc2 = nn.Linear(120, 84)
         self.relu4 = nn.ReLU()
@@ -118,7 +94,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     # split), in 3.5 s instead of 5 on one thread.
     "lenet": BuiltinModel(lambda c, k: LeNet(c, k), data="builtin:mnist", epochs=10, lr=3e-3, batch_size=128),
     # He et al.'s shapes (unpadded convolutions); the same recipe as lenet.
-    "lenet-he": BuiltinModel(lambda c, k: LeNetHe(c, k), data="builtin:mnist", epochs=10, lr=3e-3, batch_size=128),
+    "lenet-he": BuiltinModel(lambda c, k: LeNet(c, k, conv1_channels=8, padding=0), data="builtin:mnist", epochs=10, lr=3e-3, batch_size=128),
     "cifarnet": BuiltinModel(lambda c, k: CifarNet(c, k), data="builtin:photos32", epochs=8, lr=1e-3),
 }
 
@@ -200,7 +176,9 @@ def builtin_cache_key(name: str, data_hash: str, in_channels: int, num_classes: 
     with torch.device("meta"):  # its class, without drawing an initialization
         model = b.build(in_channels, num_classes)
     return cache_keys.builtin_victim(name=name, data_hash=data_hash, in_channels=in_channels, num_classes=num_classes,
-                                     recipe=(b.epochs, b.lr, b.batch_size), source=inspect.getsource(type(model)),
+                                     recipe=(b.epochs, b.lr, b.batch_size),
+                                     # its class's source and the layers built from it (lenet and lenet-he share the class)
+                                     source=inspect.getsource(type(model)) + repr(model),
                                      trainer=cache_keys.code_of(train_builtin))
 
 

@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from splitaudit.attacks import AttackContext, make_attack
 from splitaudit.attacks.decoder import DecoderAttack
@@ -19,14 +18,9 @@ from splitaudit.defenses import make_defense
 from splitaudit.jobs import plan_cut
 from splitaudit.runner import run_audit
 from tests.conftest import write_tiny_npz
-from tests.tiny import TinyNet
+from tests.tiny import TinyNet, smooth_images
 
 NOISE = "noise:sigma=1,kind=gaussian"
-
-
-def _images(n, gen):
-    """Smooth random 12x12 images in [0, 1]."""
-    return F.interpolate(torch.rand(n, 1, 4, 4, generator=gen), size=(12, 12), mode="bilinear", align_corners=False)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +28,7 @@ def setup():
     torch.manual_seed(0)
     model = TinyNet().eval()
     gen = torch.Generator().manual_seed(0)
-    return model, _images(160, gen), _images(32, gen)
+    return model, smooth_images(160, gen), smooth_images(32, gen)
 
 
 def _ctx(model, cut, z, head=True):

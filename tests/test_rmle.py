@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from splitaudit.attacks import AttackContext, make_attack
 from splitaudit.attacks.optimization import total_variation
@@ -13,12 +12,7 @@ from splitaudit.cuts import capture, head_forward
 from splitaudit.errors import SpecError
 from splitaudit.metrics import ssim
 from splitaudit.results import AuditResult, CutInfo, ResultRow
-from tests.tiny import TinyNet
-
-
-def _images(n, gen):
-    """Smooth random 12x12 images in [0, 1]."""
-    return F.interpolate(torch.rand(n, 1, 4, 4, generator=gen), size=(12, 12), mode="bilinear", align_corners=False)
+from tests.tiny import TinyNet, smooth_images
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +20,7 @@ def setup():
     torch.manual_seed(0)
     model = TinyNet().eval()
     gen = torch.Generator().manual_seed(0)
-    return model, _images(96, gen), _images(48, gen)
+    return model, smooth_images(96, gen), smooth_images(48, gen)
 
 
 def _fit(model, cut, x_aux, params):
@@ -79,7 +73,7 @@ def test_rmle_is_deterministic_and_keeps_the_best_restart(setup):
 def test_rmle_notes_a_head_whose_output_depends_on_the_batch():
     torch.manual_seed(0)
     model = TinyNet()
-    x = _images(8, torch.Generator().manual_seed(0))
+    x = smooth_images(8, torch.Generator().manual_seed(0))
     z = capture(model, "block", x)  # leaves the model in eval mode
     model.train()  # BatchNorm on batch statistics: samples are coupled
     attack = make_attack("rmle", profile="quick", params={"iterations": 1, "select": 2, "tv": 0.0})

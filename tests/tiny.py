@@ -58,3 +58,8 @@ class TinyDropNet(TinyNet):
 def build_with_dropout() -> nn.Module:
     torch.manual_seed(0)
     return TinyDropNet()
+
+
+def smooth_images(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Smooth random 12x12 images in [0, 1], TinyNet's input (the white-box attacks' tests)."""
+    return F.interpolate(torch.rand(n, 1, 4, 4, generator=gen), size=(12, 12), mode="bilinear", align_corners=False)
