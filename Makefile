@@ -46,6 +46,7 @@ test-slow: $(TEXT_STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_metrics.py
 	$(BIN)/python benchmarks/bench_demo.py
+	$(BIN)/python benchmarks/bench_efficiency.py
 
 clean:
 	rm -rf $(VENV) splitaudit-demo

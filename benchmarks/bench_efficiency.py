@@ -1,0 +1,503 @@
+"""How much of this machine's arithmetic the image demo's training uses, and where the rest of its time goes.
+
+Three measurements, printed with the machine's facts:
+
+1. **Peak.** The best fp32 matmul rate (GFLOP/s) of large square matrices (2048 and 4096), on the
+   threads torch uses and on one thread (the local executor gives each of its parallel jobs
+   ``threads // workers`` intra-op threads: one each on 2 cores).
+2. **The demo.** ``splitaudit demo`` (builtin:lenet on builtin:mnist, the demo's defenses) runs in this
+   process from a cold cache, with the one training loop (``splitaudit.attacks.training.train``)
+   instrumented from here, its behaviour unchanged: every training step is timed (from the batch
+   handed out to the next one asked for: forward, backward, optimizer step), and the first step of every
+   ``train`` call runs under ``torch.utils.flop_counter.FlopCounterMode``. Its FLOPs per sample times the
+   samples of the other steps is that call's work (the counted step is left out of both the FLOPs and the
+   time: the counter slows it). Achieved share of peak = FLOPs / seconds inside steps / peak at the
+   threads the step ran on. The run's wall time is then split by what was running: training steps, the
+   validation inside training, the loop between steps, an attack job outside its training (setup,
+   scoring), or only the driver (its phases as ``run_audit`` times them: capture, utility, latency,
+   rows, ...), and the report's writing.
+3. **A reference.** One isolated training step of the demo's own conv decoder (the standard profile's,
+   at LeNet's first cut) at batch 128, on both thread counts.
+
+What is not counted, and says so in the output: DP-SGD's fine-tuning runs through Opacus (its own
+loader, per-sample gradients), so its steps are timed as a whole but not counted. bf16 autocast paths
+(the text inverter) are not part of the image demo.
+
+    python benchmarks/bench_efficiency.py [--profile quick|standard] [--workers N] [--skip-reference] [--skip-demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+# --- counting --------------------------------------------------------------------------------------------
+
+
+class _GlobalOnly:
+    """A stand-in for FlopCounterMode's module tracker. The tracker's module hooks are process-wide, so
+    while one job's step is counted they would fire on the modules of jobs in other threads; the FLOP
+    totals come from the dispatch mode, which is thread-local, and need no module hierarchy."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode that counts only the calling thread's operations (mm, conv, ... forward and backward)."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()
+    return counter
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """The FLOPs ``fn()`` executes in this thread, as torch's flop counter counts them (a multiply-add is 2)."""
+    with flop_counter() as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# --- the machine -----------------------------------------------------------------------------------------
+
+
+def matmul_peak(threads: int, sizes=(2048, 4096), repeats: int = 4) -> tuple[float, int]:
+    """The best fp32 GFLOP/s of an n x n matmul over ``sizes`` on ``threads`` intra-op threads (after a warm-up)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    best, best_n = 0.0, 0
+    try:
+        g = torch.Generator().manual_seed(0)
+        for n in sizes:
+            a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+            out = torch.empty(n, n)
+            torch.mm(a, b, out=out)  # warm-up
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                torch.mm(a, b, out=out)
+                rate = 2 * n**3 / (time.perf_counter() - t0) / 1e9
+                if rate > best:
+                    best, best_n = rate, n
+    finally:
+        torch.set_num_threads(before)
+    return best, best_n
+
+
+class Peaks(dict):
+    """Thread count -> fp32 matmul peak (GFLOP/s), measured the first time a count is asked for."""
+
+    def __missing__(self, threads: int) -> float:
+        self[threads] = matmul_peak(threads)[0]
+        return self[threads]
+
+
+def machine_facts() -> list[str]:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return [
+        f"cpu: {model}; {os.cpu_count()} logical cores; torch.get_num_threads() = {torch.get_num_threads()}; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; load average {os.getloadavg()[0]:.2f} at the start "
+        "(anything else running lowers every rate below)",
+        f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}, mkldnn {torch.backends.mkldnn.is_available()}, "
+        f"mkl {torch.backends.mkl.is_available()}); python {platform.python_version()}; {platform.platform()}",
+    ]
+
+
+# --- instrumenting the training loop ---------------------------------------------------------------------
+
+
+@dataclass
+class TrainCall:
+    """One call of ``train``: who made it, on which thread, its steps and validations."""
+
+    who: str
+    thread: int
+    threads: int  # intra-op threads when it started
+    t0: float
+    t1: float = 0.0
+    flops_per_sample: float | None = None
+    uncounted: str = ""  # why its FLOPs are not counted
+    steps: list[tuple[float, float, int]] = field(default_factory=list)  # (start, end, samples) of timed steps
+    evals: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def step_seconds(self) -> float:
+        return sum(b - a for a, b, _ in self.steps)
+
+    @property
+    def flops(self) -> float:
+        return 0.0 if self.flops_per_sample is None else self.flops_per_sample * sum(n for _, _, n in self.steps)
+
+
+@dataclass
+class JobCall:
+    group: str
+    thread: int
+    t0: float
+    t1: float = 0.0
+    evals: list[tuple[float, float]] = field(default_factory=list)  # the decoder's validations outside train
+
+
+class Probe:
+    """Patches, for this process only, the names the demo's code looks up: the training loop's batcher, its
+    ``evaluate``, ``train`` where it is imported, ``run_job`` in the local executor and the runner's phase
+    timer. Nothing computed changes; each patch records intervals."""
+
+    def __init__(self):
+        self.calls: list[TrainCall] = []
+        self.jobs: list[JobCall] = []
+        self.phases: list[tuple[str, float, float]] = []
+        self.local = threading.local()
+        self._undo: list[tuple[object, str, object]] = []
+
+    def _set(self, obj, name, value):
+        self._undo.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def __enter__(self):
+        import splitaudit.attacks.decoder as decoder
+        import splitaudit.attacks.training as training
+        import splitaudit.defenses.dpsgd as dpsgd
+        import splitaudit.defenses.nopeek as nopeek
+        import splitaudit.executors as executors
+        import splitaudit.judge as judge
+        import splitaudit.runner as runner
+
+        probe = self
+        base_shuffled, base_train, base_eval, base_run_job = training._Shuffled, training.train, training.evaluate, executors.run_job
+
+        class TimedShuffled(base_shuffled):
+            def __iter__(self):
+                call: TrainCall | None = getattr(probe.local, "call", None)
+                for batch in super().__iter__():
+                    n = int(batch[0].shape[0])
+                    if call is None:
+                        yield batch
+                    elif call.flops_per_sample is None and n:
+                        with flop_counter() as counter:  # the first step, counted and not timed
+                            yield batch
+                        call.flops_per_sample = counter.get_total_flops() / n
+                    else:
+                        t0 = time.perf_counter()
+                        yield batch  # the loop's step runs here: zero_grad, forward, backward, optimizer step
+                        call.steps.append((t0, time.perf_counter(), n))
+
+        def make_train(who):
+            @functools.wraps(base_train)
+            def timed_train(*args, **kwargs):
+                call = TrainCall(who=who, thread=threading.get_ident(), threads=torch.get_num_threads(), t0=time.perf_counter())
+                job = getattr(probe.local, "job", None)
+                if job is not None:
+                    call.who = job.group
+                if kwargs.get("wrap") is not None:
+                    call.uncounted = "DP-SGD through Opacus (its own loader and per-sample gradients): timed as a whole, not counted"
+                probe.calls.append(call)
+                outer, probe.local.call = getattr(probe.local, "call", None), call
+                try:
+                    return base_train(*args, **kwargs)
+                finally:
+                    call.t1 = time.perf_counter()
+                    probe.local.call = outer
+
+            return timed_train
+
+        @functools.wraps(base_eval)
+        def timed_eval(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return base_eval(*args, **kwargs)
+            finally:
+                call, job = getattr(probe.local, "call", None), getattr(probe.local, "job", None)
+                if call is not None:
+                    call.evals.append((t0, time.perf_counter()))
+                elif job is not None:
+                    job.evals.append((t0, time.perf_counter()))
+
+        @functools.wraps(base_run_job)
+        def timed_run_job(spec, inputs, **kwargs):
+            kind = "fit" if spec.kind == "fit" else "refine, clean" if spec.defense == "none" else "refine, adaptive"
+            job = JobCall(group=f"attack job: {spec.attack} {kind}", thread=threading.get_ident(), t0=time.perf_counter())
+            probe.jobs.append(job)
+            probe.local.job = job
+            try:
+                return base_run_job(spec, inputs, **kwargs)
+            finally:
+                job.t1 = time.perf_counter()
+                probe.local.job = None
+
+        class Timings(runner._Timings):
+            def phase(self, name):
+                inner = super().phase(name)
+
+                class Recorded:
+                    def __enter__(self_):
+                        self_.t0 = time.perf_counter()
+                        return inner.__enter__()
+
+                    def __exit__(self_, *exc):
+                        try:
+                            return inner.__exit__(*exc)
+                        finally:
+                            probe.phases.append((name, self_.t0, time.perf_counter()))
+
+                return Recorded()
+
+        self._set(training, "_Shuffled", TimedShuffled)
+        self._set(training, "evaluate", timed_eval)
+        self._set(decoder, "evaluate", timed_eval)
+        self._set(training, "train", make_train("victim training"))  # builtin victims import it at call time
+        for module, who in ((decoder, "attack"), (judge, "judge"), (dpsgd, "defense fine-tuning: dpsgd"),
+                            (nopeek, "defense fine-tuning: nopeek")):
+            self._set(module, "train", make_train(who))
+        self._set(executors, "run_job", timed_run_job)
+        self._set(runner, "_Timings", Timings)
+        return self
+
+    def __exit__(self, *exc):
+        for obj, name, value in reversed(self._undo):
+            setattr(obj, name, value)
+        return False
+
+
+# --- the time line ---------------------------------------------------------------------------------------
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """``spans`` merged into sorted, disjoint (start, end) pairs."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(s for s in spans if s[1] > s[0]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _subtract(spans: list[tuple[float, float]], holes: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of ``spans`` minus the union of ``holes``, as sorted, disjoint pairs (one pass over both)."""
+    holes, out, i = _union(holes), [], 0
+    for a, b in _union(spans):
+        while i < len(holes) and holes[i][1] <= a:
+            i += 1
+        cur, j = a, i
+        while j < len(holes) and holes[j][0] < b:
+            if holes[j][0] > cur:
+                out.append((cur, holes[j][0]))
+            cur = max(cur, holes[j][1])
+            j += 1
+        if cur < b:
+            out.append((cur, b))
+    return out
+
+
+def union_seconds(spans: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in _union(spans))
+
+
+def attribute(t0: float, t1: float, layers: list[tuple[str, list[tuple[float, float]]]]) -> dict[str, float]:
+    """Seconds of [t0, t1] per layer, each instant going to the first layer active then; the rest is 'other'."""
+    remaining = [(t0, t1)]
+    out: dict[str, float] = {}
+    for name, spans in layers:
+        spans = [(max(a, t0), min(b, t1)) for a, b in spans if b > t0 and a < t1]
+        secs = union_seconds(remaining) - union_seconds(_subtract(remaining, spans))  # |remaining ∩ spans|
+        if secs > 0:
+            out[name] = out.get(name, 0.0) + secs
+        remaining = _subtract(remaining, spans)
+    out["driver, outside every phase (setup, bookkeeping)"] = sum(b - a for a, b in remaining)
+    return out
+
+
+# --- the demo --------------------------------------------------------------------------------------------
+
+
+def run_demo(profile: str, workers: int) -> tuple[Probe, float, float, float, dict, str]:
+    from splitaudit.cli import DEMO_DEFENSES
+    from splitaudit.runner import AuditConfig, run_audit
+    from splitaudit.writer import write
+
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
+        command = f"splitaudit demo --profile {profile} --workers {workers} --cache-dir {cache} --out {out}"
+        config = AuditConfig(model="builtin:lenet", data="builtin:mnist", defenses=DEMO_DEFENSES, profile=profile, out=out,
+                             cache_dir=cache, command=command, workers=workers)
+        with Probe() as probe:
+            t0 = time.perf_counter()
+            result = run_audit(config)
+            t_written = time.perf_counter()
+            write(result, out)
+            t1 = time.perf_counter()
+    return probe, t0, t_written, t1, result.config, command
+
+
+def report(probe: Probe, t0: float, t_written: float, t1: float, cfg: dict, peaks: Peaks, all_threads: int) -> float:
+    wall = t1 - t0
+    calls = probe.calls
+    by_group: dict[str, list[TrainCall]] = defaultdict(list)
+    for c in calls:
+        by_group[c.who].append(c)
+    jobs_by_group: dict[str, list[JobCall]] = defaultdict(list)
+    for j in probe.jobs:
+        jobs_by_group[j.group].append(j)
+
+    print(f"\n  {'training, by who':<34} {'calls':>5} {'steps':>6} {'GFLOP':>8} {'step s':>7} {'GFLOP/s':>8} {'thr':>3} "
+          f"{'of peak':>7}  {'job s':>6} {'outside steps':>13}")
+    total_flops, total_peak_seconds = 0.0, 0.0
+    for who in sorted(by_group):
+        cs = by_group[who]
+        steps = sum(len(c.steps) for c in cs)
+        secs = sum(c.step_seconds for c in cs)
+        threads = sorted({c.threads for c in cs})
+        uncounted = [c for c in cs if c.flops_per_sample is None]
+        if uncounted and len(uncounted) == len(cs):
+            reason = uncounted[0].uncounted or "no step reached the counter"
+            train_s = sum(c.t1 - c.t0 for c in cs)
+            print(f"  {who:<34} {len(cs):>5} {'-':>6} {'-':>8} {train_s:>7.1f} {'-':>8} {threads[0]:>3} {'-':>7}  ({reason})")
+            continue
+        flops = sum(c.flops for c in cs)
+        peak_seconds = sum(c.step_seconds * peaks[c.threads] for c in cs)  # GFLOP the cores could have done
+        total_flops += flops
+        total_peak_seconds += peak_seconds
+        job_cols = ""
+        js = jobs_by_group.get(who)
+        if js:
+            job_s = sum(j.t1 - j.t0 for j in js)
+            job_cols = f"{job_s:>6.1f} {1 - secs / job_s:>12.0%}"
+        thr = ",".join(map(str, threads))
+        print(f"  {who:<34} {len(cs):>5} {steps:>6} {flops / 1e9:>8.1f} {secs:>7.1f} {flops / 1e9 / max(secs, 1e-9):>8.1f} "
+              f"{thr:>3} {flops / 1e9 / max(peak_seconds, 1e-9):>7.1%}  {job_cols}"
+              + (f"  ({len(uncounted)} calls not counted)" if uncounted else ""))
+    share = total_flops / 1e9 / max(total_peak_seconds, 1e-9)
+    print(f"  {'all counted training':<34} {'':>5} {'':>6} {total_flops / 1e9:>8.1f} {'':>7} {'':>8} {'':>3} {share:>7.1%}")
+
+    counted_steps = [(a, b) for c in calls if c.flops_per_sample is not None for a, b, _ in c.steps]
+    busy = union_seconds(counted_steps)
+    print(f"  machine level: {total_flops / 1e9:.1f} GFLOP over {busy:.1f} s with a counted step in flight = "
+          f"{total_flops / 1e9 / max(busy, 1e-9):.1f} GFLOP/s, {total_flops / 1e9 / max(busy, 1e-9) / peaks[all_threads]:.1%} "
+          f"of the {all_threads}-thread peak (idle cores count against it)")
+
+    # Where the wall time goes: each instant to the first activity running then.
+    layers: list[tuple[str, list[tuple[float, float]]]] = []
+    for who in sorted(by_group):
+        cs = by_group[who]
+        if all(c.uncounted for c in cs):
+            layers.append((f"training (not counted): {who}", [(c.t0, c.t1) for c in cs]))
+        else:
+            layers.append((f"training steps: {who}", [(a, b) for c in cs for a, b, _ in c.steps]))
+    layers.append(("validation inside training", [e for c in calls for e in c.evals] + [e for j in probe.jobs for e in j.evals]))
+    layers.append(("training loop between steps (batching, checkpoints, counted steps)", [(c.t0, c.t1) for c in calls]))
+    layers.append(("attack job outside training (setup, scoring)", [(j.t0, j.t1) for j in probe.jobs]))
+    phase_names = sorted({p for p, _, _ in probe.phases if p not in ("attacks", "defense fine-tuning")})
+    for name in phase_names:
+        layers.append((f"driver: {name}", [(a, b) for p, a, b in probe.phases if p == name]))
+    layers.append(("driver: waiting for jobs", [(a, b) for p, a, b in probe.phases if p == "attacks"]))
+    layers.append(("writing results.json, report.html, images", [(t_written, t1)]))
+    parts = attribute(t0, t1, layers)
+    inside = sum(v for k, v in parts.items() if k.startswith("training steps") or k.startswith("training (not counted)"))
+    print(f"\n  wall {wall:.1f} s (run_audit {t_written - t0:.1f} s, then the writer {t1 - t_written:.1f} s); "
+          f"{1 - inside / wall:.0%} of it with no training step in flight")
+    for name, secs in sorted(parts.items(), key=lambda kv: -kv[1]):
+        if secs >= 0.05:
+            print(f"    {name:<70} {secs:6.1f} s {secs / wall:5.1%}")
+    timings = ", ".join(f"{k} {v:.1f}" for k, v in sorted(cfg.get("timings", {}).items(), key=lambda kv: -kv[1]))
+    print(f"  run_audit's own phase timings (s, overlapping the jobs): {timings}")
+    print(f"  executor: {cfg.get('executor')}, {cfg.get('workers')} workers, {cfg.get('threads_per_job')} thread(s) per job")
+    return share
+
+
+# --- the reference step ----------------------------------------------------------------------------------
+
+
+def reference_step(batch: int, threads: int, *, act_shape=(6, 28, 28), width: int = 32, full_res: bool = True,
+                   repeats: int = 30) -> tuple[float, float]:
+    """GFLOP per step and the median seconds of one training step (forward, MSE, backward, fused Adam) of
+    the image decoder for ``act_shape`` on 1x28x28 inputs, channels last as the decoder attack runs it."""
+    from splitaudit._torch_compat import adam
+    from splitaudit.attacks.decoder import _nhwc
+    from splitaudit.attacks.image import InverseNet
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        net = _nhwc(InverseNet(act_shape, (1, 28, 28), width, full_res=full_res))
+        u = _nhwc(net.fold(torch.randn(batch, *act_shape, generator=g)))
+        x = torch.rand(batch, 1, 28, 28, generator=g)
+        opt = adam([p for p in net.parameters()], lr=1e-3)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.mse_loss(net.decode(u), x)
+            loss.backward()
+            opt.step()
+
+        for _ in range(3):
+            step()
+        flops = count_flops(step)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        return flops / 1e9, times[len(times) // 2]
+    finally:
+        torch.set_num_threads(before)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="standard", choices=("quick", "standard"))
+    ap.add_argument("--workers", type=int, default=0, help="parallel attack jobs (0: the demo's default)")
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--skip-demo", action="store_true", help="the peak and the reference step only")
+    args = ap.parse_args()
+
+    all_threads = torch.get_num_threads()
+    print(f"== bench_efficiency: {' '.join(['python', *sys.argv])}")
+    for line in machine_facts():
+        print(f"   {line}")
+    peaks = Peaks()
+    for t in sorted({1, all_threads}):
+        peaks[t], n = matmul_peak(t)
+        print(f"   fp32 matmul peak on {t} thread(s): {peaks[t]:.1f} GFLOP/s (best of {n}x{n})")
+
+    if not args.skip_reference:
+        print("\n== reference: one isolated training step of the standard profile's conv decoder at LeNet's conv1 (6x28x28 -> 1x28x28)")
+        for batch in (128, 64):
+            for t in sorted({1, all_threads}):
+                gflop, secs = reference_step(batch, t)
+                print(f"   batch {batch:>3}, {t} thread(s): {gflop:.3f} GFLOP per step, {secs * 1e3:.1f} ms median, "
+                      f"{gflop / secs:.1f} GFLOP/s, {gflop / secs / peaks[t]:.1%} of peak")
+
+    if args.skip_demo:
+        return
+    probe, t0, t_written, t1, cfg, command = run_demo(args.profile, args.workers)
+    print(f"\n== {command} (in this process, cold cache, training loop instrumented)")
+    report(probe, t0, t_written, t1, cfg, peaks, all_threads)
+    print("   not part of the image demo: bf16 autocast (the text inverter); FLOPs are torch's flop counter's "
+          "(matmuls and convolutions, forward and backward; elementwise ops, norms and Adam's update are not counted)")
+
+
+if __name__ == "__main__":
+    main()

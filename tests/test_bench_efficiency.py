@@ -1,0 +1,44 @@
+"""The efficiency benchmark's FLOP counting and time-line arithmetic (no timing is asserted)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_efficiency.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_efficiency", _PATH)  # benchmarks/ is not a package
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_counts_a_linear_forward_and_backward(bench):
+    batch, n_in, n_out = 8, 5, 3
+    layer = nn.Linear(n_in, n_out)
+    x = torch.randn(batch, n_in, requires_grad=True)
+    assert bench.count_flops(lambda: layer(x)) == 2 * batch * n_in * n_out
+    # backward: the gradient of the input and of the weight, one matmul each as large as the forward's
+    assert bench.count_flops(lambda: layer(x).sum().backward()) == 3 * 2 * batch * n_in * n_out
+    # without a gradient for the input, only the weight's is computed
+    assert bench.count_flops(lambda: layer(x.detach()).sum().backward()) == 2 * 2 * batch * n_in * n_out
+
+
+def test_time_line_gives_each_instant_to_the_first_activity(bench):
+    layers = [("steps", [(1.0, 2.0), (1.5, 3.0)]), ("loop", [(0.5, 4.0)]), ("never", [(2.0, 2.5)])]
+    parts = bench.attribute(0.0, 5.0, layers)
+    assert parts["steps"] == pytest.approx(2.0)
+    assert parts["loop"] == pytest.approx(1.5)
+    assert "never" not in parts
+    assert parts["driver, outside every phase (setup, bookkeeping)"] == pytest.approx(1.5)
+    assert bench.union_seconds([(0, 1), (0.5, 2), (3, 4)]) == pytest.approx(3.0)
