@@ -18,17 +18,14 @@ from splitaudit.defenses import make_defense
 from splitaudit.jobs import plan_cut
 from splitaudit.runner import run_audit
 from tests.conftest import write_tiny_npz
-from tests.tiny import TinyNet, smooth_images
+from tests.tiny import white_box_setup
 
 NOISE = "noise:sigma=1,kind=gaussian"
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    model = TinyNet().eval()
-    gen = torch.Generator().manual_seed(0)
-    return model, smooth_images(160, gen), smooth_images(32, gen)
+    return white_box_setup(160, 32)
 
 
 def _ctx(model, cut, z, head=True):

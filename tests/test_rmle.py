@@ -12,15 +12,12 @@ from splitaudit.cuts import capture, head_forward
 from splitaudit.errors import SpecError
 from splitaudit.metrics import ssim
 from splitaudit.results import AuditResult, CutInfo, ResultRow
-from tests.tiny import TinyNet, smooth_images
+from tests.tiny import TinyNet, smooth_images, white_box_setup
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    model = TinyNet().eval()
-    gen = torch.Generator().manual_seed(0)
-    return model, smooth_images(96, gen), smooth_images(48, gen)
+    return white_box_setup(96, 48)
 
 
 def _fit(model, cut, x_aux, params):

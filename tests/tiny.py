@@ -63,3 +63,11 @@ def build_with_dropout() -> nn.Module:
 def smooth_images(n: int, gen: torch.Generator) -> torch.Tensor:
     """Smooth random 12x12 images in [0, 1], TinyNet's input (the white-box attacks' tests)."""
     return F.interpolate(torch.rand(n, 1, 4, 4, generator=gen), size=(12, 12), mode="bilinear", align_corners=False)
+
+
+def white_box_setup(n_aux: int, n_eval: int):
+    """A seeded TinyNet in eval mode with ``n_aux`` and ``n_eval`` smooth images (the white-box attacks' tests)."""
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    gen = torch.Generator().manual_seed(0)
+    return model, smooth_images(n_aux, gen), smooth_images(n_eval, gen)
