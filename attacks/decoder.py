@@ -185,13 +185,18 @@ class DecoderAttack(Attack):
             if attempt == 0:
                 with torch.no_grad():  # the same fold in every run: it has no parameters
                     ut, uv = net.fold(zt), net.fold(zv)
+            rate = 1.0
             if init is not None and attempt == 0 and init.net is not None:
                 net.load_state_dict(init.net.state_dict())  # the same network: a mismatch is a bug, never a silent fresh start
+            else:  # a fresh network: whatever start the modality makes from the aux data, and the rate that start calls for
+                rate, why = modality.initialize(net, ut, xt, uv, xv)
+                if why:
+                    notes.append(f"run {attempt + 1}: {why}")
             epochs = self.epochs
             res = None
             # Resume while still clearly improving at the end of the budget.
             for extension in range(self.extensions + 1):
-                cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=self.batch_size, patience=self.patience, schedule=self.schedule,
+                cfg = TrainConfig(epochs=epochs, lr=lr * rate, batch_size=self.batch_size, patience=self.patience, schedule=self.schedule,
                                   keep_best=self.schedule == "constant")  # a schedule's last step is its result
 
                 def on_epoch(ep, tr, va, _off=epochs_total):

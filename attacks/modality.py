@@ -30,6 +30,9 @@ class MetricInfo:
     digits: int = 3  # shown in tables
     precision: int = 5  # kept in results.json
     range: tuple[float, float] | None = (0.0, 1.0)  # the metric's possible values; None: unbounded
+    # A share of things that samples hold different numbers of (PII spans): the score key of each sample's count,
+    # scaled as the metric's values are, so the metric is sum(values) / sum(counts) and its interval the ratio's.
+    per: str | None = None
 
 
 class Modality:
@@ -100,6 +103,14 @@ class Modality:
         saved with the fitted attack, so a cached one is rebuilt the same."""
         return {}
 
+    def initialize(self, model: nn.Module, u: torch.Tensor, x: torch.Tensor, u_val: torch.Tensor,
+                   x_val: torch.Tensor) -> tuple[float, str]:
+        """Start a freshly built decoder network from the attacker's training data (folded activations ``u``,
+        inputs ``x``) before it trains, and say what that start calls for: a factor on the learning rate, and why
+        (judged on the held-out ``u_val``, ``x_val`` only; '' when there is nothing to say). The default keeps the
+        random initialization and the profile's rate."""
+        return 1.0, ""
+
     def training_loss(self, model: nn.Module, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The decoder's loss on a batch of folded activations ``u`` and inputs ``x``."""
         return self.reconstruction_loss(model.decode(u), x)
@@ -118,6 +129,11 @@ class Modality:
 
     def on_wire(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """What of the (defended) activations ``z`` of inputs ``x`` crosses the wire: all of it."""
+        return z
+
+    def sent(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The values of the activations ``z`` of inputs ``x`` that cross the wire, which a defense's statistics
+        (a noise scale relative to the activation's std, a quantization range) are fitted on: all of them."""
         return z
 
     def standardized(self, z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -304,10 +304,15 @@ class Resamples:
         one = torch.ones((), dtype=torch.float64).expand(n_boot, n)  # no memory of its own
         self.n, self.weights = n, torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, one).div_(n)
 
-    def ci(self, values: Tensor | np.ndarray, *, confidence: float = 0.95) -> tuple[float, float]:
+    def ci(self, values: Tensor | np.ndarray, *, confidence: float = 0.95, per: Tensor | np.ndarray | None = None) -> tuple[float, float]:
         """Percentile interval of the mean of ``values`` over the resamples: the ``(1 - confidence) / 2``
         and ``(1 + confidence) / 2`` quantiles of the resample means, linearly interpolated as
-        ``numpy.quantile`` does. ``values`` must be finite and have ``n`` elements."""
+        ``numpy.quantile`` does. ``values`` must be finite and have ``n`` elements.
+
+        With ``per`` (``n`` non-negative values), of the ratio ``sum(values) / sum(per)`` instead: each resample's
+        ratio of its two sums, so the denominator varies with the resample as the numerator does (a share of
+        spans recovered, where samples hold different numbers of spans). Resamples whose denominator is zero
+        have no ratio and are left out."""
         v = _as_finite_vector(values, "bootstrap_ci")
         if v.numel() != self.n:
             raise ValueError(f"bootstrap_ci: the resamples are of {self.n} values, got {v.numel()}")
@@ -315,7 +320,18 @@ class Resamples:
             raise ValueError(f"bootstrap_ci: confidence must be in (0, 1), got {confidence!r}")
         means = self.weights @ v
         alpha = (1.0 - confidence) / 2.0
-        lo, hi = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)).tolist()
+        q = torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)
+        if per is not None:
+            d = _as_finite_vector(per, "bootstrap_ci")
+            if d.numel() != self.n or bool((d < 0).any()):
+                raise ValueError(f"bootstrap_ci: the denominator must be {self.n} non-negative values")
+            den = self.weights @ d
+            ratios = means[den > 0] / den[den > 0]
+            if not ratios.numel():
+                return math.nan, math.nan
+            lo, hi = torch.quantile(ratios, q).tolist()
+            return lo, hi
+        lo, hi = torch.quantile(means, q).tolist()
         # A constant vector's resample means are that constant up to rounding in the products: keep
         # the interval inside the values' own range.
         return max(lo, float(v.min())), min(hi, float(v.max()))
@@ -359,20 +375,22 @@ def summarize(
     n_boot: int = 1000,
     confidence: float = 0.95,
     resamples: Resamples | None = None,
+    per: Tensor | np.ndarray | None = None,
 ) -> MetricSummary:
     """Mean, bootstrap confidence interval, worst (maximum) value and count of ``values``.
 
     ``worst`` is the maximum: the most recognizable sample for the similarity metrics here. The
     arguments are as for :func:`bootstrap_ci`; with ``resamples`` (drawn for this many values), the
-    interval comes from those and ``generator`` and ``n_boot`` are not used. Empty or non-finite
-    values raise ``ValueError``.
+    interval comes from those and ``generator`` and ``n_boot`` are not used. With ``per``, the metric is
+    the ratio ``sum(values) / sum(per)`` (its "mean"), and its interval the ratio's (:meth:`Resamples.ci`).
+    Empty or non-finite values raise ``ValueError``.
     """
     v = _as_finite_vector(values, "summarize")
     if resamples is None:
-        ci = bootstrap_ci(v, n_boot=n_boot, confidence=confidence, generator=generator)
-    else:
-        ci = resamples.ci(v, confidence=confidence)
-    return MetricSummary(mean=float(v.mean()), ci=ci, worst=float(v.max()), n=v.numel())
+        resamples = Resamples(v.numel(), n_boot=n_boot, generator=generator)
+    ci = resamples.ci(v, confidence=confidence, per=per)
+    mean = float(v.mean()) if per is None else float(v.sum() / _as_finite_vector(per, "summarize").sum())
+    return MetricSummary(mean=mean, ci=ci, worst=float(v.max()), n=v.numel())
 
 
 def most_recognizable(values: Tensor, k: int) -> Tensor:

@@ -161,21 +161,26 @@ class RowBuilder:
                                   flags=(f"attack failed: {report.get('error')}",), **empty, **common)
         values = {}
 
-        def put(key: str, v: torch.Tensor, nd: int) -> None:  # mean and interval, from the shared resamples
-            summ = summarize(v, resamples=s.resamples)
+        def per(metric: str, part: str = "") -> torch.Tensor | None:  # a ratio metric's denominators, where it has any
+            info = next((m for m in modality.metrics if m.name == metric), None)
+            d = scores.values.get(f"{info.per}{part}") if info is not None and info.per else None
+            return d.cpu() if d is not None and float(d.sum()) > 0 else None
+
+        def put(key: str, v: torch.Tensor, nd: int, den: torch.Tensor | None = None) -> None:  # mean and interval, from the shared resamples
+            summ = summarize(v, resamples=s.resamples, per=den)
             values[key] = round(summ.mean, nd)
             values[f"{key}_ci"] = (round(summ.ci[0], nd), round(summ.ci[1], nd))
 
         for m in modality.metrics:
             v = scores.values[m.name].cpu()
-            put(m.name, v, m.precision)
-            put(f"{m.name}_gain", v - s.baseline[m.name], m.precision)  # paired: the same samples, the same resamples
+            put(m.name, v, m.precision, per(m.name))
+            put(f"{m.name}_gain", v - s.baseline[m.name], m.precision, per(m.name))  # paired: the same samples, the same resamples
         for key, v in scores.values.items():  # a metric split by part (text: PII recovery by kind, "pii_recovery@2")
             metric, sep, part = key.partition("@")
-            if sep:
+            if sep and any(m.name == metric for m in modality.metrics):
                 kinds = s.dataset.kinds
                 name = kinds[int(part)] if kinds and part.isdigit() and int(part) < len(kinds) else part
-                summ = summarize(v.cpu(), resamples=s.resamples)
+                summ = summarize(v.cpu(), resamples=s.resamples, per=per(metric, sep + part))
                 values.setdefault(f"{metric}_by_kind", {})[name] = {"mean": round(summ.mean, 5),
                                                                     "ci": [round(summ.ci[0], 5), round(summ.ci[1], 5)]}
         if "psnr" in scores.values:  # MSE per pixel, next to the dFIL reference's bound on it

@@ -16,6 +16,7 @@ from splitaudit import metrics
 from splitaudit.metrics import (
     HIGHER_IS_BETTER,
     MetricSummary,
+    Resamples,
     bootstrap_ci,
     most_recognizable,
     psnr,
@@ -386,3 +387,21 @@ def test_most_recognizable_clips_k() -> None:
 def test_most_recognizable_bad_input_raises(values, k, match) -> None:
     with pytest.raises(ValueError, match=match):
         most_recognizable(values, k)
+
+
+def test_a_ratio_s_interval_resamples_its_denominator_and_stays_a_share():
+    """A share of spans recovered, where samples hold 0 to 5 spans: every span of the span-rich samples is
+    recovered, so per-sample values over a fixed denominator exceed 1 and an interval of their mean could too."""
+    gen = torch.Generator().manual_seed(3)
+    spans = torch.randint(0, 6, (200,), generator=gen).double()
+    recovered = torch.where(spans >= 4, spans, torch.zeros_like(spans))
+    scale = 200 / spans.sum()
+    v, per = recovered * scale, spans * scale  # the scaling of pii_recovery: the mean of v is the share
+    rs = Resamples(200, generator=torch.Generator().manual_seed(0))
+    summ = summarize(v, resamples=rs, per=per)
+    assert summ.mean == pytest.approx(float(recovered.sum() / spans.sum()))
+    lo, hi = summ.ci
+    assert 0 <= lo < summ.mean < hi <= 1
+    assert rs.ci(v)[1] > hi  # a fixed denominator's interval is another (and wider here)
+    ratios = (rs.weights @ v) / (rs.weights @ per)  # by hand: each resample's ratio of sums
+    assert (lo, hi) == pytest.approx(tuple(torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()))
