@@ -57,10 +57,11 @@ def dfil_trace(*, model_hash: str, inputs_hash: str, seed: int, cut: str, probes
     return key_of("dfil", model_hash, inputs_hash, seed, cut, probes, method, code)
 
 
-def utility(*, model_hash: str, victim: str, data_hash: str, cut: str, defense: str, seed: int, profile: str, code: str) -> str:
-    """Accuracy and agreement of ``defense`` (whose source is ``code``) at ``cut`` on ``model_hash``
-    (agreement is with ``victim``)."""
-    return key_of("utility", model_hash, victim, data_hash, cut, defense, seed, profile, code)
+def utility(*, model_hash: str, victim: str, data_hash: str, cut: str, defense: str, seed: int, profile: str, code: str,
+            state: dict | None = None) -> str:
+    """Accuracy and agreement of ``defense`` (fitted at ``cut`` to ``state``: a noise scale, a range) on
+    ``model_hash`` (agreement is with ``victim``), measured by ``code`` (the defense's and the utility path's source)."""
+    return key_of("utility", model_hash, victim, data_hash, cut, defense, seed, profile, code, sorted((state or {}).items()))
 
 
 def prepared_model(*, victim: str, data_hash: str, defense: str, cut: str | None, profile: str, seed: int, code: str) -> str:

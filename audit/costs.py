@@ -17,12 +17,13 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from splitaudit.cuts import _module, _StopForward, head_forward, run_model
+from splitaudit.cuts import _module, _StopForward, capture, head_forward, run_model
 from splitaudit.errors import ModelError
 
 BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "int8": 1}
@@ -100,51 +101,88 @@ def tail_flops(model: nn.Module, cut: str, sample: torch.Tensor, *, full: int | 
     return max(0, full - head_flops(model, cut, sample))
 
 
-@torch.no_grad()
-def model_latency_ms(model: nn.Module, sample: torch.Tensor, *, warmup: int = 3, repeats: int = 15) -> float:
-    """Median time of the whole model on ``sample``: all on one machine, nothing sent."""
-    model.eval()
-    return median_ms(lambda: run_model(model, sample), warmup=warmup, repeats=repeats, sync=_sync_for(sample))
+@dataclass(frozen=True)
+class CutLatencies:
+    """Medians (ms) from one series of full forward passes: per cut, from the pass's start to the cut's output
+    (the head) and from there to the end (the tail); and the whole pass."""
+
+    head: dict[str, float]
+    tail: dict[str, float]
+    model: float
 
 
 @torch.no_grad()
-def tail_latency_ms(model: nn.Module, cut: str, sample: torch.Tensor, *, warmup: int = 3, repeats: int = 15) -> float:
-    """Median time from the cut's output to the end of the forward pass: the server's share.
+def cut_latencies(model: nn.Module, cuts: list[str], sample: torch.Tensor, *, warmup: int = 3, repeats: int = 15) -> CutLatencies:
+    """Head and tail latency of every cut in ``cuts`` at once, from one series of full forward passes.
 
-    A hook on the cut module reads the clock when the activation exists (after a device sync on
-    CUDA); the clock is read again when ``forward`` returns. The head runs in every pass but is not
-    timed.
+    A hook on each cut module reads the clock when its output exists (after a device sync on CUDA); the
+    clock is also read before the pass and when ``forward`` returns. The head of a cut is everything that
+    ran before its output, which is exactly what :func:`splitaudit.cuts.head_forward` runs; timing it inside
+    the full pass costs one pass per repeat for all cuts together, where timing each head on its own cost a
+    series per cut (a transformer's 8 cuts: 8 series of growing heads). A tail is one clock in one pass,
+    never a difference of two noisy medians, so it is never negative. The series stops after
+    ``TIMING_BUDGET_S`` once it has ``MIN_REPEATS`` timings, as :func:`median_ms` does.
     """
     model.eval()
     sync = _sync_for(sample)
-    stamps: list[float] = []
+    stamps: dict[str, float] = {}
 
-    def hook(module, inputs, output):
-        if sync:
-            sync()
-        stamps.append(time.perf_counter())
-
-    handle = _module(model, cut).register_forward_hook(hook)
-    times = []
-    try:
-        for i in range(warmup + repeats):
-            stamps.clear()
-            run_model(model, sample)
+    def make_hook(cut):
+        def hook(module, inputs, output):
             if sync:
                 sync()
-            end = time.perf_counter()
-            if len(stamps) != 1:
-                raise ModelError(f"cut {cut!r} ran {len(stamps)} times in one forward pass, so its tail is not defined")
-            if i >= warmup:
-                times.append((end - stamps[0]) * 1e3)
+            stamps.setdefault(cut, time.perf_counter())
+
+        return hook
+
+    def one_pass() -> tuple[float, float]:
+        stamps.clear()
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        run_model(model, sample)
+        if sync:
+            sync()
+        end = time.perf_counter()
+        missing = [c for c in cuts if c not in stamps]
+        if missing:
+            raise ModelError(f"cut {missing[0]!r} was not reached in the forward pass")
+        return t0, end
+
+    handles = [_module(model, c).register_forward_hook(make_hook(c)) for c in cuts]
+    heads: dict[str, list[float]] = {c: [] for c in cuts}
+    tails: dict[str, list[float]] = {c: [] for c in cuts}
+    whole: list[float] = []
+    try:
+        start = time.perf_counter()
+        for _ in range(warmup):
+            one_pass()
+            if time.perf_counter() - start > TIMING_BUDGET_S:
+                break
+        start = time.perf_counter()
+        for r in range(repeats):
+            if r >= MIN_REPEATS and time.perf_counter() - start > TIMING_BUDGET_S:
+                break
+            t0, end = one_pass()
+            whole.append((end - t0) * 1e3)
+            for c in cuts:
+                heads[c].append((stamps[c] - t0) * 1e3)
+                tails[c].append((end - stamps[c]) * 1e3)
     finally:
-        handle.remove()
-    return statistics.median(times)
+        for h in handles:
+            h.remove()
+    return CutLatencies(head={c: statistics.median(v) for c, v in heads.items()},
+                        tail={c: statistics.median(v) for c, v in tails.items()}, model=statistics.median(whole))
+
+
+def tail_latency_ms(model: nn.Module, cut: str, sample: torch.Tensor, *, warmup: int = 3, repeats: int = 15) -> float:
+    """Median time from the cut's output to the end of the forward pass: the server's share."""
+    return cut_latencies(model, [cut], sample, warmup=warmup, repeats=repeats).tail[cut]
 
 
 @torch.no_grad()
 def head_latency_ms(model: nn.Module, cut: str, sample: torch.Tensor, *, warmup: int = 3, repeats: int = 15) -> float:
-    """Median time of the head on ``sample`` (its batch size is the one timed)."""
+    """Median time of the head alone on ``sample`` (its batch size is the one timed): the forward pass stops at the cut."""
     model.eval()
     return median_ms(lambda: head_forward(model, cut, sample), warmup=warmup, repeats=repeats, sync=_sync_for(sample))
 
@@ -259,23 +297,25 @@ class UtilityMeter:
         self.notes: list[str] = []
         self._same: dict[tuple[str, str], dict] = {}  # (model hash, spec) -> a cut-independent result
 
-    def measure(self, cut: str, todo: list[tuple[object, nn.Module, str, object]]) -> None:
-        """``todo``: (defense, the model it runs, that model's hash, its fitted transform or None)."""
+    def measure(self, cut: str, todo: list[tuple[object, nn.Module, str, object, torch.Tensor | None]]) -> None:
+        """``todo``: (defense, the model it runs, that model's hash, its fitted transform or None, that model's
+        evaluation activations at ``cut`` or None)."""
         s = self.s
-        pending: dict[str, tuple[nn.Module, list]] = {}  # model hash -> (model, [(defense, key, same, transform)])
-        for d, model_d, hash_d, fitted in todo:
+        pending: dict[str, tuple[nn.Module, torch.Tensor | None, list]] = {}  # model hash -> (model, activations, [(defense, key, same, transform)])
+        for d, model_d, hash_d, fitted, z_eval in todo:
             key = self.keys.utility(model_hash=hash_d, victim=s.model_hash, data_hash=s.data_hash, cut=cut, defense=d.spec,
-                                    seed=s.config.seed, profile=s.config.profile, code=self.keys.code_of(type(d)))
+                                    seed=s.config.seed, profile=s.config.profile, code=self.keys.code_of(type(d), UtilityMeter, capture),
+                                    state=None if fitted is None else dict(fitted.state))
             same = (hash_d, d.spec) if not d.transforms_activation and not d.per_cut_model else None
             hit = self.cache.get("utility", key)
             if hit is None and same in self._same:
                 hit = self._same[same]
             if hit is None:
-                pending.setdefault(hash_d, (model_d, []))[1].append((d, key, same, fitted))
+                pending.setdefault(hash_d, (model_d, z_eval, []))[2].append((d, key, same, fitted))
             else:
                 self._record(cut, d.spec, hit, same)
-        for model_d, items in pending.values():
-            for (d, key, same, _), (acc, agree) in zip(items, self._measure(model_d, cut, [(d, f) for d, _, _, f in items])):
+        for model_d, z_eval, items in pending.values():
+            for (d, key, same, _), (acc, agree) in zip(items, self._measure(model_d, cut, [(d, f) for d, _, _, f in items], z_eval)):
                 hit = {"accuracy": acc, "agreement": agree}
                 self.cache.put("utility", key, hit)
                 self._record(cut, d.spec, hit, same)
@@ -285,7 +325,7 @@ class UtilityMeter:
             self._same[same] = hit
         self.results[(cut, spec)] = hit
 
-    def _measure(self, model_d: nn.Module, cut: str, ds: list) -> list[tuple[float | None, float | None]]:
+    def _measure(self, model_d: nn.Module, cut: str, ds: list, z_eval: torch.Tensor | None = None) -> list[tuple[float | None, float | None]]:
         from splitaudit.seeding import job_generator
 
         s = self.s
@@ -294,7 +334,7 @@ class UtilityMeter:
             for i in range(min(s.settings["draws"], s.modality.utility_draws) if d.stochastic else 1):
                 gen = job_generator(s.config.seed, cut, d.spec, "utility", i)
                 draws.append((k, None if fitted is None else (lambda z, _f=fitted, _g=gen: _f(z, generator=_g))))
-        preds = self._predict_each(model_d, cut, [t for _, t in draws])
+        preds = self._predict_each(model_d, cut, [t for _, t in draws], z_eval)
         out = []
         for k in range(len(ds)):
             mine = [p for (j, _), p in zip(draws, preds) if j == k and p is not None]
@@ -303,22 +343,28 @@ class UtilityMeter:
             out.append((sum(accs) / len(accs) if accs else None, sum(agrees) / len(agrees) if agrees else None))
         return out
 
-    def _predict_each(self, model: nn.Module, cut: str, transforms: list[Callable | None]) -> list[torch.Tensor | None]:
-        """Predictions with each transform applied at ``cut`` (None: the model as it is), sharing passes.
-        Where the shared passes fail, each transform is measured on its own: one defense the model
-        rejects leaves the others their numbers."""
-        from splitaudit.cuts import predict, predict_each
+    def _predict_each(self, model: nn.Module, cut: str, transforms: list[Callable | None],
+                      z_eval: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+        """Predictions with each transform applied at ``cut`` (None: the model as it is), sharing passes. A model
+        that runs its tail alone (``forward_from``) runs it on the transformed ``z_eval``, its captured evaluation
+        activations, instead of running the head again. Where the shared passes fail, each transform is measured
+        on its own: one defense the model rejects leaves the others their numbers."""
+        from splitaudit.cuts import predict, predict_each, predict_from, runs_from
 
         s = self.s
         try:
             plain = None
             if None in transforms:
                 plain = s.clean_pred if model is s.model and s.clean_pred is not None else predict(model, s.x_eval)
-            applied = iter(predict_each(model, s.x_eval, cut, [t for t in transforms if t is not None]))
+            given = [t for t in transforms if t is not None]
+            if z_eval is not None and runs_from(model, cut):
+                applied = iter(predict_from(model, s.x_eval, cut, z_eval, given))
+            else:
+                applied = iter(predict_each(model, s.x_eval, cut, given))
             return [plain if t is None else next(applied) for t in transforms]
         except ModelError as exc:
             if len(transforms) > 1:
-                return [self._predict_each(model, cut, [t])[0] for t in transforms]
+                return [self._predict_each(model, cut, [t], z_eval)[0] for t in transforms]
             self.notes.append(f"accuracy not measured: {exc}")
             return [None]
 
@@ -327,7 +373,7 @@ class LatencyMeter:
     """Every latency of an audit, timed on a quiet machine: the heads, tails and same-model defenses
     before the attack jobs start, the models the defenses change after the jobs end."""
 
-    FIT_SAMPLES = 256  # aux samples a defense is fitted on for timing (its cost does not depend on its fit)
+    FIT_SAMPLES = 64  # aux samples a defense is fitted on for timing (its cost does not depend on its fit)
 
     def __init__(self, scenario, flops: Callable[[str | None], int], phase):
         self.s, self.flops, self.phase = scenario, flops, phase
@@ -349,30 +395,58 @@ class LatencyMeter:
         self.latency.update({(cut, spec): v for spec, v in by.items() if spec != "none" or (cut, "none") not in self.latency})
 
     def cut_infos(self) -> list:
-        """A :class:`CutInfo` per cut (bytes, FLOPs and latency of head and tail), timing the victim's head
-        alone and with each defense that leaves the model as it is."""
+        """A :class:`CutInfo` per cut (bytes, FLOPs and latency of head and tail), timing the victim's heads and
+        tails (one series of full passes for every cut, at batch 1 and at batch 64) and each defense that leaves
+        the model as it is (its transform timed alone on the head's output, added to the head's time)."""
         from splitaudit.results import CutInfo
 
         s = self.s
         same_model = [d for d in s.defenses if d.spec != "none" and not d.changes_model]
-        reps, sample1 = s.settings["latency_repeats"], s.x_eval[:1]
+        reps, names = s.settings["latency_repeats"], [c.name for c in s.cuts]
         infos = []
         with self.phase("latency"):
+            b1 = cut_latencies(s.model, names, s.x_eval[:1], repeats=reps)
+            b64 = cut_latencies(s.model, names, s.x_eval[:64], repeats=max(3, reps // 3))
             if "flops" not in s.model_info:  # the planner's all-on-the-device and all-on-the-server placements
-                s.model_info.update(flops=self.flops(None), latency_ms=round(model_latency_ms(s.model, sample1, repeats=reps), 4))
+                s.model_info.update(flops=self.flops(None), latency_ms=round(b1.model, 4))
+            own = self._transform_ms(names, same_model, reps) if same_model else {}
             for cut in s.cuts:
-                self._time(cut.name, [(d, s.model) for d in same_model])
-                lat1, _, lat64, _ = self.latency[(cut.name, "none")]
+                h1, h64 = b1.head[cut.name], b64.head[cut.name]
+                self.latency[(cut.name, "none")] = (h1, h1, h64, h64)
+                for d in same_model:
+                    t1, t64 = own[(cut.name, d.spec)]
+                    self.latency[(cut.name, d.spec)] = (h1, h1 + t1, h64, h64 + t64)
                 head = self.flops(cut.name)
                 infos.append(CutInfo(
                     name=cut.name, shape=cut.shape, bytes_per_sample=cut.sent_bytes or bytes_per_sample(cut.shape), head_flops=head,
-                    head_latency_ms=round(lat1, 4), bytes_fp16=bytes_per_sample(cut.shape, "float16"),
+                    head_latency_ms=round(h1, 4), bytes_fp16=bytes_per_sample(cut.shape, "float16"),
                     bytes_int8=bytes_per_sample(cut.shape, "int8"), index=cut.index, module_type=cut.module_type,
-                    aliases=cut.aliases, head_latency_ms_b64=round(lat64, 4),
-                    tail_flops=max(0, s.model_info["flops"] - head),
-                    tail_latency_ms=round(tail_latency_ms(s.model, cut.name, sample1, repeats=reps), 4),
+                    aliases=cut.aliases, head_latency_ms_b64=round(h64, 4),
+                    tail_flops=max(0, s.model_info["flops"] - head), tail_latency_ms=round(b1.tail[cut.name], 4),
                 ))
         return infos
+
+    def _transform_ms(self, cuts: list[str], defenses: list, reps: int) -> dict[tuple[str, str], tuple[float, float]]:
+        """(cut, spec) -> the median time (ms) of the defense's transform alone on the head's output, at batch 1 and
+        64, each cut's transforms timed in turn. A defense is fitted (its cost does not depend on its fit) on the
+        activations of a few aux samples, captured with the two timing samples in one pass per batch for every cut."""
+        from splitaudit.cuts import capture_many
+        from splitaudit.seeding import job_generator
+
+        s = self.s
+        z_fit = capture_many(s.model, cuts, s.x_aux[: self.FIT_SAMPLES])
+        z1, z64 = capture_many(s.model, cuts, s.x_eval[:1]), capture_many(s.model, cuts, s.x_eval[:64])
+        sync = _sync_for(s.x_eval)
+        out = {}
+        for cut in cuts:
+            tfs = []
+            for d in defenses:
+                fitted, gen = d.fit(z_fit[cut] if d.transforms_activation else None), job_generator(s.config.seed, cut, d.spec, "latency")
+                tfs.append(lambda z, _f=fitted, _g=gen: _f(z, generator=_g))
+            at1 = interleaved_medians_ms([lambda tf=tf: tf(z1[cut]) for tf in tfs], repeats=reps, sync=sync)
+            at64 = interleaved_medians_ms([lambda tf=tf: tf(z64[cut]) for tf in tfs], repeats=max(3, reps // 3), sync=sync)
+            out.update({(cut, d.spec): (a, b) for d, a, b in zip(defenses, at1, at64)})
+        return out
 
     def changed_models(self, prepared, *, wait: bool) -> None:
         """Time the heads of the changed models that exist (after the attack jobs: a quiet machine again).

@@ -192,7 +192,7 @@ def head_forward(model: nn.Module, cut: str, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture(model: nn.Module, cut: str, x: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+def capture(model: nn.Module, cut: str, x: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
     """The activations at ``cut`` for all of ``x``, batch by batch, on ``x``'s device."""
     return capture_many(model, [cut], x, batch_size=batch_size)[cut]
 
@@ -213,21 +213,33 @@ def _by_length(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Callabl
     data's order. A ``variable_length`` model gets its texts longest first: batches of texts of similar
     length then run at their own length, not the data's longest (half the time on the builtin PII texts).
     Any other model gets ``x`` as it is."""
-    if not getattr(model, "variable_length", False) or x.dim() != 3:
+    order = _length_order(model, x)
+    if order is None:
         return x, lambda t: t
-    order = torch.argsort((x[:, 1] != PAD).sum(dim=1), descending=True, stable=True)
     inverse = torch.argsort(order)
     return x[order], lambda t: t[inverse.to(t.device)]
 
 
+def _length_order(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The longest-first order of a ``variable_length`` model's texts (None: any other model, the data's order)."""
+    if not getattr(model, "variable_length", False) or x.dim() != 3:
+        return None
+    return torch.argsort((x[:, 1] != PAD).sum(dim=1), descending=True, stable=True)
+
+
+def _batch(model: nn.Module, batch_size: int | None) -> int:
+    """The batch a forward pass runs: ``batch_size`` if given, else the model's own ``forward_batch``, else 256."""
+    return batch_size or getattr(model, "forward_batch", 256)
+
+
 @torch.no_grad()
-def capture_many(model: nn.Module, cuts: list[str], x: torch.Tensor, *, batch_size: int = 256) -> dict[str, torch.Tensor]:
+def capture_many(model: nn.Module, cuts: list[str], x: torch.Tensor, *, batch_size: int | None = None) -> dict[str, torch.Tensor]:
     """The activations at each of ``cuts`` for all of ``x``, from one pass per batch that stops at the
     last of them to run. Each is copied when its module returns, so an in-place op after the cut (a
     ``ReLU(inplace=True)``) does not change what was captured. :func:`capture` is this for one cut."""
     model.eval()
     x, restore = _by_length(model, x)
-    return {c: restore(v) for c, v in _capture_in_order(model, cuts, x, batch_size).items()}
+    return {c: restore(v) for c, v in _capture_in_order(model, cuts, x, _batch(model, batch_size)).items()}
 
 
 def _capture_in_order(model: nn.Module, cuts: list[str], x: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
@@ -288,11 +300,12 @@ def _top1(out, model: nn.Module | None = None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, *, cut: str | None = None, transform=None, batch_size: int = 256) -> torch.Tensor:
+def predict(model: nn.Module, x: torch.Tensor, *, cut: str | None = None, transform=None, batch_size: int | None = None) -> torch.Tensor:
     """Top-1 predictions, optionally with a defense applied at ``cut``."""
     if cut is not None and transform is not None:
         return predict_each(model, x, cut, [transform], batch_size=batch_size)[0]
     model.eval()
+    batch_size = _batch(model, batch_size)
     x, restore = _by_length(model, x)
     return restore(torch.cat([_top1(run_model(model, x[i : i + batch_size]), model) for i in range(0, x.shape[0], batch_size)]))
 
@@ -347,7 +360,7 @@ def _stacks(model: nn.Module, cut: str, x: torch.Tensor, k: int) -> bool:
 
 
 @torch.no_grad()
-def predict_each(model: nn.Module, x: torch.Tensor, cut: str, transforms, *, batch_size: int = 256) -> list[torch.Tensor]:
+def predict_each(model: nn.Module, x: torch.Tensor, cut: str, transforms, *, batch_size: int | None = None) -> list[torch.Tensor]:
     """Top-1 predictions with each of ``transforms`` applied at ``cut``, one tensor per transform.
 
     Where the model allows it (see :func:`_stacks`), the transforms share each batch's head and the
@@ -358,7 +371,7 @@ def predict_each(model: nn.Module, x: torch.Tensor, cut: str, transforms, *, bat
     tried again, and that batch's transforms run again one by one, drawing their noise a second time.
     """
     model.eval()
-    transforms = list(transforms)
+    transforms, batch_size = list(transforms), _batch(model, batch_size)
     x, restore = _by_length(model, x)
     stack = _stacks(model, cut, x, len(transforms))
     preds: list[list[torch.Tensor]] = [[] for _ in transforms]
@@ -371,3 +384,34 @@ def predict_each(model: nn.Module, x: torch.Tensor, cut: str, transforms, *, bat
         for p, out in zip(preds, outs):
             p.append(_top1(out, model))
     return [restore(torch.cat(p)) for p in preds]
+
+
+def runs_from(model: nn.Module, cut: str) -> bool:
+    """Whether ``model`` can run its tail alone from an activation at ``cut`` (a ``forward_from`` that takes it)."""
+    check = getattr(model, "runs_from", None)
+    return callable(check) and callable(getattr(model, "forward_from", None)) and bool(check(cut))
+
+
+@torch.no_grad()
+def predict_from(model: nn.Module, x: torch.Tensor, cut: str, z: torch.Tensor, transforms, *,
+                 batch_size: int | None = None) -> list[torch.Tensor]:
+    """Top-1 predictions with each of ``transforms`` applied to ``z``, the activations at ``cut`` captured for
+    ``x``, running only the tail (the model's ``forward_from``; see :func:`runs_from`): what
+    :func:`predict_each` gives without running the head again. Each transform is applied to all of ``z`` at
+    once, as the attack jobs apply a defense to the evaluation activations they score.
+    """
+    model.eval()
+    if x.shape[0] == 0:
+        return [predict(model, x, batch_size=batch_size) for _ in transforms]
+    batch_size = _batch(model, batch_size)
+    order = _length_order(model, x)
+    order = torch.arange(x.shape[0], device=x.device) if order is None else order
+    inverse = torch.argsort(order)
+    xo = x[order]
+    out = []
+    for t in transforms:
+        zt = t(z)[order.to(z.device)]
+        preds = [_top1(model.forward_from(cut, zt[i : i + batch_size], xo[i : i + batch_size]), model)
+                 for i in range(0, x.shape[0], batch_size)]
+        out.append(torch.cat(preds)[inverse.to(preds[0].device)])
+    return out

@@ -184,7 +184,7 @@ def list_cuts(model: str, *, weights: str | None = None, data: str | None = None
     FLOPs and latency do not depend on the weights).
     """
     from splitaudit.attacks.modality import modality_for
-    from splitaudit.costs import bytes_per_sample, head_flops, head_latency_ms, tail_latency_ms
+    from splitaudit.costs import bytes_per_sample, cut_latencies, head_flops
     from splitaudit.cuts import discover_cuts
     from splitaudit.errors import SpecError, UserError
     from splitaudit.models import build_model, check_model_accepts, load_weights
@@ -207,6 +207,7 @@ def list_cuts(model: str, *, weights: str | None = None, data: str | None = None
     check_model_accepts(net, sample)
     disc = discover_cuts(net, sample)
     full = head_flops(net, None, sample[:1])
+    lat = cut_latencies(net, disc.names(), sample[:1])
     rows = []
     for c in disc.cuts:
         head = head_flops(net, c.name, sample[:1])
@@ -214,7 +215,7 @@ def list_cuts(model: str, *, weights: str | None = None, data: str | None = None
             "index": c.index, "name": c.name, "module_type": c.module_type, "aliases": list(c.aliases), "shape": list(c.shape),
             "bytes_per_sample": c.sent_bytes or bytes_per_sample(c.shape), "bytes_fp16": bytes_per_sample(c.shape, "float16"),
             "bytes_int8": bytes_per_sample(c.shape, "int8"), "head_flops": head,
-            "head_latency_ms": round(head_latency_ms(net, c.name, sample[:1]), 4),
-            "tail_flops": max(0, full - head), "tail_latency_ms": round(tail_latency_ms(net, c.name, sample[:1]), 4),
+            "head_latency_ms": round(lat.head[c.name], 4),
+            "tail_flops": max(0, full - head), "tail_latency_ms": round(lat.tail[c.name], 4),
         })
     return rows

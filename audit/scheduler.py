@@ -116,23 +116,24 @@ class Scheduler:
         """Capture what each defense's model sends at ``cut`` (once per model), fit the defense there, and
         share both with the jobs."""
         inp = self._inputs[cut]
-        by_model = inp.setdefault("by_model", {})  # model hash -> (aux activations, their shared reference)
+        by_model = inp.setdefault("by_model", {})  # model hash -> (its activations, their shared reference)
         for d in defenses:
             model_d, hash_d, _ = self.prepared.get(d, cut)
             if hash_d not in by_model:
                 with self.phase("capture"):
                     z_aux, z_eval = self.store.get(model_d, hash_d, cut)
-                by_model[hash_d] = (z_aux, self.ex.put(("acts", cut, hash_d), Activations(aux=z_aux, eval=z_eval)))
+                acts = Activations(aux=z_aux, eval=z_eval)
+                by_model[hash_d] = (acts, self.ex.put(("acts", cut, hash_d), acts))
             inp["acts"][d.spec] = by_model[hash_d][1]
             if d.transforms_activation:  # fitted once, on the activations of the model it runs with
-                self.fitted[(cut, d.spec)] = d.fit(by_model[hash_d][0])
+                self.fitted[(cut, d.spec)] = d.fit(self.s.modality.sent(by_model[hash_d][0].aux, self.s.x_aux))
 
     def _measure_utility(self, cut: str, ds: list[Defense]) -> None:
         with self.phase("utility"):
             todo = []
             for d in ds:
                 model_d, hash_d, _ = self.prepared.get(d, cut)
-                todo.append((d, model_d, hash_d, self.fitted.get((cut, d.spec))))
+                todo.append((d, model_d, hash_d, self.fitted.get((cut, d.spec)), self._inputs[cut]["by_model"][hash_d][0].eval))
             self.utility.measure(cut, todo)
 
     def _submit(self, spec: JobSpec, base_state: dict | None = None, candidate: JobOutput | None = None,

@@ -118,6 +118,9 @@ class TextSplitModel(nn.Module):
 
     output_kind = "embedding"  # utility compares sentence embeddings (cosine similarity), not top-1 classes
     variable_length = True  # each batch runs at its longest text; captures are zero-padded back to the data's length
+    # Texts per forward batch: batches of texts of similar length (they run longest first) waste little on padding,
+    # and MiniLM runs 1,000 texts 20% faster at 64 a batch than at 256.
+    forward_batch = 64
 
     def __init__(self, hf: nn.Module):
         super().__init__()
@@ -153,14 +156,35 @@ class TextSplitModel(nn.Module):
         against it), with one difference: where a cut's output comes back with k times the batch (several
         defenses' transforms stacked, :func:`splitaudit.cuts.predict_each`), the blocks after it and the
         pooling take the attention mask k times, so the head runs once for all of them."""
-        h = self.embeddings(input_ids=ids)
+        return self._blocks_from(0, self.embeddings(input_ids=ids), mask)
+
+    def _blocks_from(self, start: int, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Blocks ``start``... on hidden states ``h``, then the pooling."""
         additive = (1.0 - mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min  # 0 where attended
-        for block in self.blocks:
+        for block in self.blocks[start:]:
             k = h.shape[0] // mask.shape[0]
             h = block(h, additive if k == 1 else additive.repeat(k, 1, 1, 1))
             h = h[0] if isinstance(h, tuple) else h  # transformers 4.x returns a tuple, 5.x the hidden states
         k = h.shape[0] // mask.shape[0]
         return self.pool(h, mask if k == 1 else mask.repeat(k, 1))
+
+    def runs_from(self, cut: str) -> bool:
+        """Whether :meth:`forward_from` runs the tail after ``cut`` (a BERT-style encoder's split points)."""
+        return self.kind == "encoder" and cut in self.split_points
+
+    def forward_from(self, cut: str, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The model's output when the activation at ``cut`` is ``z`` (as captured: (N, L, d) zero-padded to the
+        data's length, or the pooled (N, d)) for the inputs ``x``, which give the attention mask: the tail alone,
+        what the server runs. Utility under a defense runs this on the defended captured activations instead of
+        running the head again (:func:`splitaudit.cuts.predict_from`)."""
+        if not self.runs_from(cut):
+            raise ValueError(f"forward_from does not run the tail after {cut!r} of a {self.kind}")
+        if cut == "pool":
+            return z
+        mask = (x[:, 1] != PAD).long()
+        n = max(int(mask.sum(dim=1).max()) if mask.numel() else 0, 1)
+        start = 0 if cut == "embeddings" else int(cut.split(".")[1]) + 1
+        return self._blocks_from(start, z[:, :n], mask[:, :n])
 
 
 def load_text_model(spec: str) -> nn.Module:

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitaudit.costs import bytes_per_sample, head_flops, head_latency_ms, tail_flops, tail_latency_ms
+from splitaudit.costs import bytes_per_sample, cut_latencies, head_flops, head_latency_ms, tail_flops, tail_latency_ms
 from splitaudit.cuts import capture, capture_many, discover_cuts, forward_with, head_forward, predict, predict_each
+from splitaudit.errors import ModelError
 from tests.tiny import TinyNet
 
 
@@ -127,6 +128,30 @@ def test_tail_latency_times_the_tail_not_the_head():
     assert tail > 5 * head
     # At the last layer there is (almost) nothing left to run.
     assert tail_latency_ms(net, "tail", x, repeats=9) < tail / 5
+
+
+class Branchy(nn.Module):
+    """``b`` exists but this forward never calls it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x)
+
+
+def test_one_series_of_full_passes_times_every_cut_s_head_and_tail():
+    torch.manual_seed(0)
+    net = HeavyTail().eval()
+    lat = cut_latencies(net, ["head", "tail.11", "tail"], torch.rand(1, 16), repeats=9)
+    assert lat.head["head"] > 0 and lat.tail["tail"] >= 0
+    # The 24 matmuls are in the last cut's head and in the first cut's tail; half of them on each side of the middle.
+    assert lat.head["tail"] > 5 * lat.head["head"] and lat.tail["head"] > 5 * lat.tail["tail"]
+    assert lat.head["head"] < lat.head["tail.11"] < lat.head["tail"]
+    assert lat.head["tail.11"] + lat.tail["tail.11"] == pytest.approx(lat.model, rel=0.3)
+    with pytest.raises(ModelError, match="not reached"):
+        cut_latencies(Branchy(), ["b"], torch.rand(1, 4), repeats=3)
 
 
 def _noise(seed: int):

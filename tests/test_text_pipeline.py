@@ -273,3 +273,39 @@ def test_an_attack_of_the_other_modality_is_refused_before_any_work(jsonl, tiny_
 
     with pytest.raises(SpecError, match="rmle does not attack text data; for text use whitebox"):
         run_audit(AuditConfig(model=f"hf:{tiny_bert}", data=str(jsonl), attacks=("rmle",), profile="quick"))
+
+
+def test_the_tail_alone_from_captured_activations_predicts_what_the_whole_model_does(model_and_data):
+    """Utility runs only the tail on the (defended) captured activations: the same embeddings as a full pass
+    with the transform applied at the cut, at every cut, in the data's order."""
+    from splitaudit.cuts import predict_each, predict_from, runs_from
+
+    model, ds = model_and_data
+    x = ds.x[:37]
+    shift = [lambda z: z * 1.5 + 0.25, lambda z: z]
+    for cut in ("embeddings", "blocks.0", "blocks.1", "pool"):
+        assert runs_from(model, cut)
+        z = capture_many(model, [cut], x)[cut]
+        tail = predict_from(model, x, cut, z, shift, batch_size=8)
+        full = predict_each(model, x, cut, shift, batch_size=8)
+        for a, b in zip(tail, full):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(tail[1], predict(model, x), atol=2e-5, rtol=1e-4)  # the identity gives the model's own output
+    assert not runs_from(model, "hf.encoder")  # not a split point: the generic path runs it
+
+
+def test_a_noise_scale_is_relative_to_the_hidden_states_that_are_sent(model_and_data):
+    """Padding is never sent: its zeros must not shrink the activation's std that sigma is relative to."""
+    from splitaudit.attacks.text import TextModality
+    from splitaudit.defenses.base import make_defense
+
+    model, ds = model_and_data
+    x = ds.x[:60]
+    z = capture_many(model, ["blocks.0"], x)["blocks.0"]
+    pad = x[:, 1] == PAD
+    assert pad.float().mean() > 0.2  # enough padding for the two scales to differ
+    sent = TextModality().sent(z, x)
+    assert sent.shape == (int((~pad).sum()), z.shape[-1])
+    fitted = make_defense("noise:sigma=2").fit(sent)
+    assert fitted.state["scale"] == pytest.approx(2 * float(z[~pad].std()), rel=1e-5)
+    assert fitted.state["scale"] > 1.1 * 2 * float(z.std())  # what fitting on the padded tensor gave
