@@ -209,3 +209,29 @@ def test_the_decoder_trains_no_worse_than_a_mirror_of_an_unpadded_conv():
 def test_the_decoder_trains_no_worse_than_a_mirror_of_the_head(name):
     ours, mirror = _compare(name, 2000, 15)
     assert ours <= mirror, f"{name}: decoder {ours:.5f} against the mirror's {mirror:.5f}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The loss
+# ------------------------------------------------------------------------------------------------
+def test_the_loss_adds_an_ssim_term_that_is_differentiable_and_zero_for_a_perfect_reconstruction():
+    from splitaudit.attacks.image import SSIM_WEIGHT
+    from splitaudit.metrics import ssim
+
+    g = torch.Generator().manual_seed(0)
+    x = _smooth_images(6, (1, 16, 16), g)
+    pred = x.flip(0).clone().requires_grad_()
+    loss = ImageModality.reconstruction_loss(pred, x)
+    expected = F.mse_loss(pred, x) + SSIM_WEIGHT * (1 - ssim(pred, x).mean())
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert pred.grad is not None and bool(torch.isfinite(pred.grad).all()) and float(pred.grad.abs().sum()) > 0
+    # the SSIM term's own gradient is there: it differs from the MSE's alone
+    mse_grad = torch.autograd.grad(F.mse_loss(pred, x), pred)[0]
+    assert not torch.allclose(pred.grad, mse_grad)
+    assert float(ImageModality.reconstruction_loss(x, x)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_images_under_the_ssim_window_train_on_the_mse_alone():
+    x, pred = torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8)
+    torch.testing.assert_close(ImageModality.reconstruction_loss(pred, x), F.mse_loss(pred, x))
