@@ -7,9 +7,10 @@ Three measurements, printed with the machine's facts:
    2 cores), for three kernels: float32 through ``torch.mm`` (MKL's sgemm on x86), float32 through oneDNN (the
    library the convolutions run in), and bfloat16 through ``torch.mm`` (oneDNN) where the CPU multiplies bf16
    natively. The fp32 peak is the faster of the two fp32 kernels: the machine does at least that. They can differ
-   a lot: on an AMD EPYC with AVX-512, MKL takes an AVX2 path (about 93 GFLOP/s on one thread) while oneDNN
-   reaches about 210. One-thread rates are timed on the calling thread's CPU clock (``time.thread_time``), so
-   other processes on a shared machine do not count against them; multi-thread rates on the wall clock.
+   a lot: on an AMD EPYC with AVX-512, MKL reaches about 93 GFLOP/s on one thread (it appears to take its AVX2
+   path on AMD) while oneDNN reaches about 210. One-thread rates are timed on the calling thread's CPU clock
+   (``time.thread_time``), so other processes on a shared machine do not count against them; a multi-thread
+   step that ran alone in the process on the process's CPU clock over its thread count; the rest on the wall clock.
 2. **The demo.** ``splitaudit demo`` (builtin:lenet on builtin:mnist, the demo's defenses) runs in this
    process from a cold cache, with the one training loop (``splitaudit.attacks.training.train``)
    instrumented from here, its behaviour unchanged: every training step is timed (from the batch
@@ -46,6 +47,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -212,6 +214,14 @@ def machine_facts() -> list[str]:
 # --- instrumenting the training loop ---------------------------------------------------------------------
 
 
+class Step(NamedTuple):
+    start: float  # wall clock
+    end: float
+    cpu: float  # seconds on the stepping thread's CPU clock
+    process_cpu: float  # seconds on the process's CPU clock (every thread of it)
+    samples: int
+
+
 @dataclass
 class TrainCall:
     """One call of ``train``: who made it, on which thread, its steps and validations."""
@@ -224,26 +234,35 @@ class TrainCall:
     cut: str = ""  # the attack job's cut ("" outside attack jobs)
     flops_per_sample: dict[torch.dtype, float] | None = None  # by the precision each operation ran in
     uncounted: str = ""  # why its FLOPs are not counted
-    steps: list[tuple[float, float, float, int]] = field(default_factory=list)  # (start, end, thread CPU s, samples) of timed steps
+    steps: list[Step] = field(default_factory=list)  # its timed steps
     evals: list[tuple[float, float]] = field(default_factory=list)
+    alone: bool = False  # no other call's step overlapped its steps (set by the report)
+
+    @property
+    def clock(self) -> str:
+        return "thread CPU" if self.threads == 1 else "process CPU" if self.alone else "wall"
 
     @property
     def step_seconds(self) -> float:
-        """Seconds inside its steps: the stepping thread's CPU time when it ran on one intra-op thread (robust to other
-        processes on a shared machine), wall time otherwise (the CPU clock of one thread misses the others)."""
+        """Seconds inside its steps, on a clock that other processes on a shared machine do not advance: on one intra-op
+        thread the stepping thread's CPU time; on several, when nothing else of this process trained meanwhile (the
+        victim and the judge train before the attack jobs start), the process's CPU time over the thread count;
+        otherwise the wall clock."""
         if self.threads == 1:
-            return sum(c for _, _, c, _ in self.steps)
+            return sum(s.cpu for s in self.steps)
+        if self.alone:
+            return sum(s.process_cpu for s in self.steps) / self.threads
         return self.wall_seconds
 
     @property
     def wall_seconds(self) -> float:
-        return sum(b - a for a, b, _, _ in self.steps)
+        return sum(s.end - s.start for s in self.steps)
 
     def flops(self, dtype: torch.dtype | None = None) -> float:
         if self.flops_per_sample is None:
             return 0.0
         per = sum(self.flops_per_sample.values()) if dtype is None else self.flops_per_sample.get(dtype, 0.0)
-        return per * sum(n for _, _, _, n in self.steps)
+        return per * sum(s.samples for s in self.steps)
 
     def peak_seconds(self, peaks: Peaks) -> float:
         """Seconds its FLOPs take at the peak of the precision each ran in."""
@@ -302,9 +321,9 @@ class Probe:
                             yield batch
                         call.flops_per_sample = {d: f / n for d, f in counter.by_dtype.items()}
                     else:
-                        t0, c0 = time.perf_counter(), time.thread_time()
+                        t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
                         yield batch  # the loop's step runs here: zero_grad, forward, backward, optimizer step
-                        call.steps.append((t0, time.perf_counter(), time.thread_time() - c0, n))
+                        call.steps.append(Step(t0, time.perf_counter(), time.thread_time() - c0, time.process_time() - p0, n))
 
         def make_train(who):
             @functools.wraps(base_train)
@@ -472,18 +491,25 @@ def report(probe: Probe, t0: float, t_written: float, t1: float, cfg: dict, peak
         steps = sum(len(c.steps) for c in cs)
         secs = sum(c.step_seconds for c in cs)
         flops = sum(c.flops() for c in cs)
-        fp32_seconds = sum(c.step_seconds * peaks.of(c.threads, torch.float32) for c in cs)  # GFLOP the cores could have done in fp32
         thr = ",".join(map(str, sorted({c.threads for c in cs})))
+        fp32 = sum(c.flops() / 1e9 / peaks.of(c.threads, torch.float32) for c in cs) / max(secs, 1e-9)
         own = sum(c.peak_seconds(peaks) for c in cs) / max(secs, 1e-9)
+        clocks = ",".join(sorted({c.clock for c in cs}))
         print(f"  {label:<34} {len(cs):>5} {steps:>6} {flops / 1e9:>8.1f} {precision(cs):>9} {secs:>7.1f} "
-              f"{flops / 1e9 / max(secs, 1e-9):>8.1f} {thr:>3} {flops / 1e9 / max(fp32_seconds, 1e-9):>7.1%} {own:>8.1%}{tail}")
+              f"{flops / 1e9 / max(secs, 1e-9):>8.1f} {thr:>3} {fp32:>7.1%} {own:>8.1%}  {clocks:<11}{tail}")
 
-    print("\n  step s: the seconds inside training steps, on the stepping thread's CPU clock for one-thread steps (what other")
-    print("  processes take from the core is not counted), on the wall clock for multi-thread steps. 'of fp32' divides the FLOPs by")
-    print("  the fp32 peak; 'of own' by the peak of the precision each operation ran in (bf16 under autocast).")
-    print(f"\n  {'training, by who':<34} {'calls':>5} {'steps':>6} {'GFLOP':>8} {'precision':>9} {'step s':>7} {'GFLOP/s':>8} {'thr':>3} "
-          f"{'of fp32':>7} {'of own':>8}  {'job s':>6} {'outside steps':>13}")
     counted = [c for c in calls if c.flops_per_sample is not None]
+    spans = [(s.start, s.end, id(c)) for c in counted for s in c.steps]
+    for c in counted:  # did any other call step while this one did?
+        mine = _union([(s.start, s.end) for s in c.steps])
+        others = [(a, b) for a, b, who in spans if who != id(c)]
+        c.alone = union_seconds(mine) - union_seconds(_subtract(mine, others)) < 1e-6
+    print("\n  step s: the seconds inside training steps, on a clock other processes do not advance: the stepping thread's CPU")
+    print("  clock for one-thread steps; the process's CPU clock over the thread count for multi-thread steps that ran alone in")
+    print("  this process; else the wall clock (the 'clock' column). 'of fp32' is the share of those seconds the FLOPs would take")
+    print("  at the fp32 peak; 'of own' at the peak of the precision each operation ran in (bf16 under autocast).")
+    print(f"\n  {'training, by who':<34} {'calls':>5} {'steps':>6} {'GFLOP':>8} {'precision':>9} {'step s':>7} {'GFLOP/s':>8} {'thr':>3} "
+          f"{'of fp32':>7} {'of own':>8}  {'clock':<11}  {'job s':>6} {'outside steps':>13}")
     for who in sorted(by_group):
         cs = by_group[who]
         uncounted = [c for c in cs if c.flops_per_sample is None]
@@ -502,10 +528,9 @@ def report(probe: Probe, t0: float, t_written: float, t1: float, cfg: dict, peak
         row(who, [c for c in cs if c.flops_per_sample is not None],
             tail + (f"  ({len(uncounted)} calls not counted)" if uncounted else ""))
     total_flops = sum(c.flops() for c in counted)
-    fp32_seconds = sum(c.step_seconds * peaks.of(c.threads, torch.float32) for c in counted)
-    share = total_flops / 1e9 / max(fp32_seconds, 1e-9)
+    share = sum(c.flops() / 1e9 / peaks.of(c.threads, torch.float32) for c in counted) / max(sum(c.step_seconds for c in counted), 1e-9)
     own = sum(c.peak_seconds(peaks) for c in counted) / max(sum(c.step_seconds for c in counted), 1e-9)
-    wall_share = total_flops / 1e9 / max(sum(c.wall_seconds * peaks.of(c.threads, torch.float32) for c in counted), 1e-9)
+    wall_share = sum(c.flops() / 1e9 / peaks.of(c.threads, torch.float32) for c in counted) / max(sum(c.wall_seconds for c in counted), 1e-9)
     print(f"  {'all counted training':<34} {'':>5} {'':>6} {total_flops / 1e9:>8.1f} {precision(counted):>9} {'':>7} {'':>8} {'':>3} "
           f"{share:>7.1%} {own:>8.1%}")
     print(f"  the same on the wall clock of every step (waiting for a core included): {wall_share:.1%} of the fp32 peak")
@@ -520,7 +545,7 @@ def report(probe: Probe, t0: float, t_written: float, t1: float, cfg: dict, peak
         for cut in sorted(by_cut, key=lambda k: min(c.t0 for c in by_cut[k])):
             row(cut, by_cut[cut])
 
-    counted_steps = [(a, b) for c in counted for a, b, _, _ in c.steps]
+    counted_steps = [(s.start, s.end) for c in counted for s in c.steps]
     busy = union_seconds(counted_steps)
     print(f"\n  machine level: {total_flops / 1e9:.1f} GFLOP over {busy:.1f} s of wall time with a counted step in flight = "
           f"{total_flops / 1e9 / max(busy, 1e-9):.1f} GFLOP/s, {total_flops / 1e9 / max(busy, 1e-9) / peaks.of(all_threads, torch.float32):.1%} "
@@ -533,7 +558,7 @@ def report(probe: Probe, t0: float, t_written: float, t1: float, cfg: dict, peak
         if all(c.uncounted for c in cs):
             layers.append((f"training (not counted): {who}", [(c.t0, c.t1) for c in cs]))
         else:
-            layers.append((f"training steps: {who}", [(a, b) for c in cs for a, b, _, _ in c.steps]))
+            layers.append((f"training steps: {who}", [(s.start, s.end) for c in cs for s in c.steps]))
     layers.append(("validation inside training", [e for c in calls for e in c.evals] + [e for j in probe.jobs for e in j.evals]))
     layers.append(("training loop between steps (batching, checkpoints, counted steps)", [(c.t0, c.t1) for c in calls]))
     layers.append(("attack job outside training (setup, scoring)", [(j.t0, j.t1) for j in probe.jobs]))
