@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from splitaudit.attacks.base import fast_autocast
 from splitaudit.attacks.modality import MetricInfo, Modality, register_modality
 from splitaudit.errors import DataError
 
@@ -167,7 +167,7 @@ class InverseNet(nn.Module):
     def __init__(self, act_shape: tuple[int, ...], input_shape: tuple[int, ...], width: int, min_channels: int = 16, full_res: bool = False,
                  bf16: bool = True):
         super().__init__()
-        self.bf16 = bf16  # bfloat16 autocast where the hardware has it (:func:`_fast`)
+        self.bf16 = bf16  # bfloat16 autocast where the hardware has it (:func:`splitaudit.attacks.base.fast_autocast`)
         c_out, h_out, w_out = input_shape
         self.out_hw = (h_out, w_out)
         spatial = len(act_shape) == 3 and min(act_shape[1:]) >= 3
@@ -226,7 +226,7 @@ class InverseNet(nn.Module):
     def decode(self, u):
         """The decoder after its parameter-free input fold (``unshuffle``), which training applies
         once to the whole aux set instead of to every batch of every epoch (8% of a first conv's time)."""
-        with _fast(u) if self.bf16 else contextlib.nullcontext():
+        with fast_autocast(u) if self.bf16 else contextlib.nullcontext():
             # Channels-last from the stem on (a dense stem's reshape gives the default layout): every layer
             # after it then runs in one layout, without conversions (a quarter of a vector decoder's time).
             y = self.up(self.stem(u).contiguous(memory_format=torch.channels_last))
@@ -238,27 +238,6 @@ class InverseNet(nn.Module):
             y = y[..., : self.out_hw[0], : self.out_hw[1]]
         return torch.sigmoid(y.float())  # the image and the loss in float32
 
-
-def _fast(t: torch.Tensor):
-    """bfloat16 autocast where the hardware multiplies in it (a CPU with AVX-512 BF16 or AMX, a CUDA GPU), for the
-    decoder's convolutions and dense layers; float32 elsewhere. The image and the loss stay float32. Measured on
-    builtin:lenet with the standard profile's fit (MSE loss, held-out aux SSIM), float32 against bfloat16: within
-    0.007 at every cut (conv1 0.9967 both, pool2 0.858 / 0.859, fc1 0.854 / 0.857, fc3 0.592 / 0.588), for 17% less
-    CPU time over the 11 cuts (AMD EPYC with AVX-512 BF16, one thread; conv1's step 1.5x faster)."""
-    if t.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if t.device.type == "cpu" and cpu_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively, as oneDNN reports it."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 

@@ -18,15 +18,13 @@ with the encoder; that is not done here).
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import html
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitaudit.attacks.base import ZeroLinear
+from splitaudit.attacks.base import ZeroLinear, fast_autocast
 from splitaudit.attacks.modality import MetricInfo, Modality, register_modality
 from splitaudit.errors import DataError
 from splitaudit.text_data import MAX_KINDS, PAD
@@ -236,23 +234,6 @@ TEXT_BUDGETS = {  # (width, epochs, patience, restarts, extensions, batch, lr), 
 }
 
 
-def _fast(t: torch.Tensor):
-    """bfloat16 autocast where the hardware multiplies in it (a CPU with AVX-512 BF16 or AMX, a CUDA GPU):
-    the inverter's matmuls, its whole cost, run 2-5x faster; the loss stays float32. Elsewhere float32."""
-    if t.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if t.device.type == "cpu" and _cpu_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
 
 def _lookup(vocab: torch.Tensor, size: int) -> torch.Tensor:
     """id -> class index in ``vocab`` (-1 for an id outside it)."""
@@ -297,14 +278,14 @@ class TextInverter(nn.Module):
         return z
 
     def features(self, u: torch.Tensor) -> torch.Tensor:
-        with _fast(u):
+        with fast_autocast(u):
             h = self.stem(u)  # (N, L, width)
             c = self.narrow(h)
             p = F.pad(c, (0, 0, 1, 1))
             return h + F.relu(self.context(torch.cat([p[:, :-2], c, p[:, 2:]], dim=-1)))
 
     def logits(self, f: torch.Tensor) -> torch.Tensor:
-        with _fast(f):
+        with fast_autocast(f):
             return self.classes(f)
 
     def decode(self, u):
