@@ -79,7 +79,7 @@ class Budget:
 # large gradients keep the later steps small. An extension's one cycle over 12 epochs from a 20-epoch fit: fc1
 # 0.854 -> 0.880 and fc2 0.761 -> 0.795 (a constant 2e-3: 0.868 and 0.779; a constant 6e-4: 0.876 and 0.788).
 PROFILES = {
-    "quick": Budget(32, 8, 3, 0, 0, 64, 3e-3, flat=0.005, cap=3.0, beta2=0.95),
+    "quick": Budget(32, 12, 2, 0, 0, 64, 3e-3, flat=0.01, cap=2.0, beta2=0.95),
     "standard": Budget(32, 20, 4, 1, 1, 64, 2e-3, full_res=True, flat=0.005, cap=3.0, beta2=0.95),
     "thorough": Budget(64, 60, 6, 3, 2, 32, 1e-3, full_res=True, flat=0.005, cap=2.0, beta2=0.95),
 }
@@ -152,7 +152,7 @@ def _counted_step(modality_name: str, act_shape: tuple[int, ...], input_shape: t
     return counter.get_total_flops() / 2
 
 
-def _epoch_flops(modality, act_shape, x_aux, *, width, full_res, batch, val_fraction, budget) -> float | None:
+def _epoch_flops(modality, act_shape, x_aux, *, width, full_res, val_fraction, budget) -> float | None:
     if budget is not None:  # a modality with budgets of its own (text): its network needs its data; no ledger moves its epochs
         return None
     n_train = x_aux.shape[0] - max(1, int(round(x_aux.shape[0] * val_fraction)))
@@ -202,7 +202,7 @@ class DecoderAttack(Attack):
         """(nominal epochs, cap) for the audit's ledger at this profile; None where the ledger does not apply:
         a run that follows a learning-rate schedule (text) ends where its schedule does, and is not extended."""
         b = modality.budget(self.profile) or PROFILES[self.profile]
-        if b.schedule != "constant" or self.config.epochs:
+        if b.schedule != "constant":
             return None
         return b.epochs, b.cap
 
@@ -223,8 +223,8 @@ class DecoderAttack(Attack):
     def epoch_flops(self, act_shape: tuple[int, ...], x_aux: torch.Tensor, modality) -> float | None:
         """Training FLOPs of one epoch on ``x_aux`` (forward and backward, as torch's flop counter counts one
         step, times the training samples); None where they cannot be counted."""
-        return _epoch_flops(modality, tuple(act_shape), x_aux, width=self.width, full_res=self.full_res, batch=self.batch_size,
-                            val_fraction=self.val_fraction, budget=modality.budget(self.profile))
+        return _epoch_flops(modality, tuple(act_shape), x_aux, width=self.width, full_res=self.full_res, val_fraction=self.val_fraction,
+                            budget=modality.budget(self.profile))
 
     def fit(self, z_aux: torch.Tensor, x_aux: torch.Tensor, ctx: AttackContext) -> FitReport:
         start = time.perf_counter()
@@ -260,7 +260,7 @@ class DecoderAttack(Attack):
         baseline = modality.prior_loss(xt, xv)
         plateau = None
         if self.flat > 0:
-            prior_metric, prior_score = modality.selection(modality.clip(modality.prior(xt).expand_as(xv)), xv)
+            _, prior_score = modality.selection(modality.clip(modality.prior(xt).expand_as(xv)), xv)
 
             def held_out(net) -> float:  # the audit's own metric (SSIM for images) on the held-out aux data
                 return float(modality.selection(modality.clip(net.decode(uv)), xv)[1].mean())
@@ -300,20 +300,23 @@ class DecoderAttack(Attack):
             if resume:  # a budget extension: one cycle over its epochs, from where the run it resumes ended
                 res = self._cycle(net, loss, (ut, xt), (uv, xv), lr, gen, progress(epochs_total))
                 epochs_total += res.epochs_run
+                stop = res.stop  # it runs its grant: "budget"
             else:
                 cfg = TrainConfig(epochs=self.epochs, lr=lr, batch_size=self.batch_size, patience=self.patience, schedule=self.schedule,
                                   keep_best=self.schedule == "constant", betas=self.betas)  # a schedule's last step is its result
                 res = train(net, loss, (ut, xt), config=cfg, generator=gen, val_data=(uv, xv), plateau=plateau,
                             on_epoch=progress(epochs_total))
                 epochs_total += res.epochs_run
-                # On its own (no ledger to ask), a run still improving at the end of its budget resumes itself.
+                stop = "schedule" if self.schedule != "constant" and not res.diverged else res.stop
+                # On its own (no ledger to ask), a run still improving at the end of its budget resumes itself, again
+                # while each cycle still ends on its best epoch.
                 for _ in range(self.extensions):
-                    if res.diverged or res.stop != "budget" or self.schedule != "constant":
+                    if stop != "budget":
                         break
                     notes.append(f"run {attempt + 1}: still improving after {epochs_total} epochs, resumed for {self.epochs} more")
                     res = self._cycle(net, loss, (ut, xt), (uv, xv), lr, gen, progress(epochs_total))
                     epochs_total += res.epochs_run
-            stop = "schedule" if self.schedule != "constant" and not res.diverged else res.stop
+                    stop = "budget" if res.best_epoch == res.epochs_run else "flattened"
             runs += 1
             val = evaluate(net, loss, (uv, xv))
             if res.diverged:
@@ -338,7 +341,7 @@ class DecoderAttack(Attack):
         if best is None:
             raise RuntimeError("decoder training diverged in every run")
         if best_stop == "budget" and not resume:
-            notes.append(f"still improving when its allotment of {self.epochs} epochs ended")
+            notes.append(f"still improving when its budget of {epochs_total} epochs ended")
         # Converged: the kept run beats the no-information guess; or no run does and a restart from a new
         # initialization failed too (then the activation holds nothing this decoder can use, which is a
         # finding). A single run that never beat the guess says nothing yet: it may be a bad start.

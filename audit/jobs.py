@@ -307,7 +307,7 @@ def _select(attack, candidate_state: dict, spec: JobSpec, z_aux: torch.Tensor, x
     mine, theirs = score(attack), score(other)
     report["selection"] = {f"refined_holdout_{metric}": round(mine, 5), f"undefended_holdout_{metric}": round(theirs, 5)}
     if not mine >= theirs:  # a NaN refinement loses too
-        what, data = ("its start (the base fit)", "held-out") if spec.defense == "none" else ("the undefended attacker", "defended held-out")
+        what, data = ("its start (the base fit, extended where granted)", "held-out") if spec.defense == "none" else ("the undefended attacker", "defended held-out")
         report["notes"] = list(report["notes"]) + [
             f"kept {what}: on {data} aux data its {metric} {theirs:.4g} beats the refinement's {mine:.4g}"
         ]

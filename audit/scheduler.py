@@ -288,12 +288,13 @@ class Scheduler:
             self._finish(dep, RuntimeError(f"its base attack failed: {error_text(base)}"))
             return
         ledger = self.ledger(dep.attack)
-        grant = None if ledger is None else ledger.grant(dep.cut)
-        if ledger is not None and grant is None:
+        asks = ledger is not None and (base.report.get("stop") or "budget") == "budget"  # still improving: it asks for more
+        grant = ledger.grant(dep.cut) if asks else None
+        if asks and grant is None:
             self._parked[dep.id] = (dep, base)
             return
         base_id = self.jobs[(dep.cut, dep.attack, "base")].id
-        if grant is None or grant.epochs == 0:
+        if grant is None or grant.epochs == 0:  # a base that flattened needs no grant, nor to wait for one
             reason = grant.reason if grant is not None else base.report.get("stop") or "not ledgered"
             report = {"converged": bool(base.report.get("converged", True)), "epochs": 0, "seconds": 0.0, "restarts": 0,
                       "stop": f"not extended: {reason}", "grant_epochs": 0, "passed_on": True, "notes": []}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -217,7 +218,11 @@ def test_the_ledger_refuses_what_it_cannot_price():
 @pytest.fixture(scope="module")
 def budget_audits(tmp_path_factory):
     """A tiny audit whose first cut's curve is made to flatten at once and whose vector cut's never does (the
-    rule itself is tested above; here, what the runner does with it), then the identical audit again, cached."""
+    rule itself is tested above; here, what the runner does with it); the identical audit again, cached; and
+    once more uncached, with the first cut's base held back so that the second's ends first and must wait for
+    its grant."""
+    import time
+
     from splitaudit.attacks import decoder as D
     from splitaudit.config import AuditConfig
     from splitaudit.runner import run_audit
@@ -228,25 +233,36 @@ def budget_audits(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setitem(D.PROFILES, "quick", D.Budget(16, 8, 2, 0, 0, 32, 1e-3, flat=0.5, cap=3.0, beta2=0.95))
     fit = D.DecoderAttack.fit
+    delay = {"stem": 0.0}
+    ended: list[str] = []  # base fits, in the order they ended
 
     def scripted(self, z_aux, x_aux, ctx):
+        base = getattr(self, "_init", None) is None
         if z_aux.dim() == 4:  # the stem: any gain over two epochs below half the gain so far reads as flat
             self.flat = 1.0
         else:  # the vector cut: never flat, never stopped by patience
             self.flat, self.patience = 0.0, 10**6
-        return fit(self, z_aux, x_aux, ctx)
+        report = fit(self, z_aux, x_aux, ctx)
+        if base:
+            time.sleep(delay["stem"] if z_aux.dim() == 4 else 0.0)
+            ended.append("stem" if z_aux.dim() == 4 else "fc")
+        return report
 
     mp.setattr(D.DecoderAttack, "fit", scripted)
     cfg = AuditConfig(model="tests/tiny.py:build", data=str(npz), cuts=("stem", "fc"), defenses=("none", "noise:sigma=1"),
                       profile="quick", seed=1, cache_dir=str(d / "cache"))
     try:
-        yield run_audit(cfg), run_audit(cfg)
+        first, second = run_audit(cfg), run_audit(cfg)
+        ended.clear()
+        delay["stem"] = 3.0
+        third = run_audit(replace(cfg, use_cache=False))
+        yield first, second, third, list(ended)
     finally:
         mp.undo()
 
 
 def test_a_flattened_cut_stops_early_and_its_savings_extend_an_improving_one(budget_audits):
-    first, _ = budget_audits
+    first = budget_audits[0]
     ledger = first.config["budget"]["decoder"]
     stem, fc = ledger["cuts"]
     assert stem["base_stop"] == "flattened" and stem["base_epochs"] == 3 and stem["grant_epochs"] == 0
@@ -272,8 +288,15 @@ def test_a_flattened_cut_stops_early_and_its_savings_extend_an_improving_one(bud
 
 
 def test_an_identical_rerun_hits_the_cache_for_every_job_and_grants_the_same(budget_audits):
-    first, second = budget_audits
+    first, second = budget_audits[:2]
     by_kind = second.config["cache"]["by_kind"]
     assert by_kind["attacks"]["misses"] == 0 and by_kind["attacks"]["hits"] >= 5  # 2 bases, 1 extension, 2+ refinements
     assert second.config["budget"]["decoder"]["cuts"] == first.config["budget"]["decoder"]["cuts"]
     assert [r.ssim for r in second.results] == [r.ssim for r in first.results]
+
+
+def test_a_cut_whose_base_ends_first_waits_for_its_grant_and_gets_the_same(budget_audits):
+    first, _, third, ended = budget_audits
+    assert ended == ["fc", "stem"]  # the improving cut ended first, before the outcome its grant depends on
+    assert third.config["budget"]["decoder"]["cuts"] == first.config["budget"]["decoder"]["cuts"]
+    assert [(r.cut, r.defense, r.adaptive, r.ssim) for r in third.results] == [(r.cut, r.defense, r.adaptive, r.ssim) for r in first.results]
