@@ -52,6 +52,9 @@ class FitReport:
     val_loss: float
     baseline_loss: float  # val loss of the no-information guess (the mean aux image)
     notes: list[str] = field(default_factory=list)
+    # Why its training stopped (attacks.training.TrainResult.stop: "budget" means still improving when its
+    # epochs ended; "schedule": a learning-rate schedule ran to its end); None where it does not say.
+    stop: str | None = None
 
 
 class Attack:
@@ -65,6 +68,10 @@ class Attack:
       fitting every defense from scratch, and caches what it fitted;
     - ``holds_out``: ``fit`` keeps a held-out part of the aux data (``holdout``, indices) on which an adaptive
       attacker compares its refinement with the undefended attack;
+    - ``budgeted``: a warm-starting attack whose fit stops once its validation curve has flattened and reports
+      why it stopped (``FitReport.stop``; "budget": still improving), so the audit's ledger can move epochs
+      between cuts: it says its ``allotment`` and what an epoch costs (``epoch_flops``), and resumes a fitted
+      instance for granted epochs (``extend_from``);
     - ``starts_from``: the name of another attack whose fitted instance it starts from (``start_from``), as
       the hybrid starts its optimization from the decoder's reconstruction. Where that attack runs in the same
       audit, the runner hands it that attack's fitted instance for the same (cut, defense), adaptive where
@@ -79,6 +86,7 @@ class Attack:
     needs_fit: ClassVar[bool] = True
     warm_start: ClassVar[bool] = False
     holds_out: ClassVar[bool] = False
+    budgeted: ClassVar[bool] = False
     starts_from: ClassVar[str | None] = None
     holdout: torch.Tensor | None = None
     # What ``fit`` found against the no-information guess: "beaten", "not beaten after a restart" (a finding:
@@ -93,6 +101,18 @@ class Attack:
 
     def warm_start_from(self, other: Attack) -> None:
         raise NotImplementedError(f"attack {self.name} cannot warm-start")
+
+    def extend_from(self, other: Attack) -> None:
+        """Resume ``other``'s training on the same data for the epochs this instance was made with."""
+        raise NotImplementedError(f"attack {self.name} cannot be extended")
+
+    def allotment(self, modality) -> tuple[int, float] | None:
+        """(nominal epochs per cut, cap as a multiple of them) for the audit's ledger; None: not ledgered."""
+        return None
+
+    def epoch_flops(self, act_shape: tuple[int, ...], x_aux: torch.Tensor, modality) -> float | None:
+        """Training FLOPs of one epoch on ``x_aux`` at an activation of ``act_shape`` (None: not counted)."""
+        return None
 
     def start_from(self, other: Attack, *, converged: bool = True) -> None:
         """Start from ``other``, fitted (``converged``: whether its fit converged, as its own row says)."""

@@ -7,6 +7,11 @@ penalty term) passes it in as ``wrap`` or in its ``loss_fn`` instead of writing 
 Why a hand-written loop and not a framework: we need early stopping on a held-out part with the best
 checkpoint kept, explicit generators for data order, and a divergence check that turns a NaN into a
 retry upstream instead of a silently bad attack (a bad attack would read as privacy).
+
+A run can also stop once its validation curve has *flattened* (:class:`Plateau`, :func:`flattened`): the
+audit's budget then goes to the cuts still improving instead of to those that are done. The rule is
+relative to what the run has gained over the no-information guess, so it reads the same whatever the
+loss's scale, and every run says why it stopped (``TrainResult.stop``).
 """
 
 from __future__ import annotations
@@ -44,6 +49,27 @@ class TrainConfig:
     # much further than a constant rate: the text inverter reaches 0.941 of MiniLM's tokens at its last block
     # after 6 epochs against 0.931 at a constant 1e-3. Early stopping would cut its decay short: leave patience off.
     schedule: str = "constant"
+    # Adam's decay rates. A short run wants a short memory for the second moment: with 0.999 (about 1,000
+    # steps) the squared gradients of the first epochs, far larger than the late ones, keep the late
+    # steps small, so a decoder's curve flattens for the optimizer's sake, not the problem's.
+    betas: tuple[float, float] = (0.9, 0.999)
+    # The start counts as epoch 0: evaluated before training, kept if no epoch beats it. A run that resumes
+    # a fitted model (a budget extension) then never ends worse than where it began.
+    keep_start: bool = False
+
+
+@dataclass(frozen=True)
+class Plateau:
+    """Stop a run whose validation curve has flattened (:func:`flattened`), over the last ``patience`` epochs.
+
+    ``score(model)`` is what is watched, higher is better (the attack's own metric on held-out data, say);
+    ``prior`` is its value for the no-information guess. Without ``score`` the validation loss is watched
+    (lower is better) and ``prior`` is the guess's loss.
+    """
+
+    share: float
+    prior: float
+    score: Callable[[nn.Module], float] | None = None
 
 
 @dataclass
@@ -54,6 +80,34 @@ class TrainResult:
     seconds: float
     diverged: bool = False
     history: list[tuple[float, float]] = field(default_factory=list)  # (train loss, val loss) per epoch
+    # Why it stopped: "budget" (every epoch ran and the curve had not flattened: it was still improving),
+    # "flattened" (the Plateau rule), "no_improvement" (patience epochs without a better validation loss) or
+    # "diverged".
+    stop: str = "budget"
+    watched: list[float] = field(default_factory=list)  # what the Plateau rule watched, per epoch (0: the start, with keep_start)
+    start_val: float | None = None  # the start's validation loss (keep_start)
+
+
+def flattened(values: Sequence[float], prior: float, *, window: int, share: float, higher_is_better: bool = True) -> bool:
+    """Whether a validation curve has flattened: over its last ``window`` epochs, its best value improved by
+    less than ``share`` of the best's gain over ``prior`` (the no-information guess).
+
+    Relative to the gain, not to the value: a first conv at MSE 1e-4 against a guess at 0.07 that still
+    halves its loss is done in every way that matters, while a vector cut at 0.040 against 0.069 that gains
+    0.001 an epoch is not. A curve that has not beaten the guess has not flattened (it may not have started).
+    ``values`` are per epoch, oldest first; the running best makes a noisy curve's plateau read as one.
+    """
+    if window < 1 or len(values) <= window or share <= 0:
+        return False
+    sign = 1.0 if higher_is_better else -1.0
+    best: list[float] = []
+    for v in values:
+        v = sign * v
+        best.append(v if not best or not math.isfinite(best[-1]) or v > best[-1] else best[-1])
+    gain = best[-1] - sign * prior
+    if not (math.isfinite(gain) and gain > 0):
+        return False
+    return best[-1] - best[-1 - window] < share * gain
 
 
 class _Shuffled:
@@ -96,12 +150,14 @@ def train(
     wrap: Wrap | None = None,
     on_epoch: Callable[[int, float, float], None] | None = None,
     params: Sequence[nn.Parameter] | None = None,
+    plateau: Plateau | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; on return it holds the best checkpoint by validation loss.
 
     ``params`` restricts what is optimized (NoPeek trains only the head). ``wrap`` may replace the
     model, optimizer and loader (Opacus's ``make_private``); the caller gets its results through the
-    model it passed in, whose parameters the wrapper shares.
+    model it passed in, whose parameters the wrapper shares. ``plateau`` stops the run once its
+    validation curve has flattened (over ``config.patience`` epochs).
     """
     start = time.perf_counter()
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -111,9 +167,10 @@ def train(
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
     elif fused:
-        opt = adam(params, lr=config.lr, weight_decay=config.weight_decay)  # the fused kernel, stepped directly on the CPU
+        # the fused kernel, stepped directly on the CPU
+        opt = adam(params, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
     else:
-        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
     run_model = model
     loader: Iterable[Sequence[torch.Tensor]]
     if wrap is not None:
@@ -135,8 +192,21 @@ def train(
     steps = 0
     best_val, best_epoch, best_state = math.inf, -1, None
     history: list[tuple[float, float]] = []
+    watched: list[float] = []
     diverged = False
     since_best = 0
+    stop = "budget"
+
+    def watch(val_loss: float) -> None:
+        if plateau is not None:
+            watched.append(val_loss if plateau.score is None else _scored(run_model, plateau.score))
+
+    start_val = None
+    if config.keep_start:
+        start_val = evaluate(run_model, loss_fn, val_data) if val_data is not None else math.inf
+        if math.isfinite(start_val):
+            best_val, best_epoch, best_state = start_val, 0, copy.deepcopy(model.state_dict())
+            watch(start_val)
     epoch = 0
     for epoch in range(1, config.epochs + 1):
         run_model.train()
@@ -157,13 +227,15 @@ def train(
             total += float(loss.detach()) * batch[0].shape[0]
             count += batch[0].shape[0]
         if diverged:
+            stop = "diverged"
             break
         train_loss = total / max(count, 1)
         val_loss = evaluate(run_model, loss_fn, val_data) if val_data is not None else train_loss
         if not math.isfinite(val_loss):
-            diverged = True
+            diverged, stop = True, "diverged"
             break
         history.append((train_loss, val_loss))
+        watch(val_loss)
         if on_epoch is not None:
             on_epoch(epoch, train_loss, val_loss)
         if not config.keep_best:
@@ -174,7 +246,13 @@ def train(
         else:
             since_best += 1
             if config.patience is not None and since_best >= config.patience:
+                stop = "no_improvement"
                 break
+        if (plateau is not None and config.patience
+                and flattened(watched, plateau.prior, window=config.patience, share=plateau.share,
+                              higher_is_better=plateau.score is not None)):
+            stop = "flattened"
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     return TrainResult(
@@ -184,7 +262,21 @@ def train(
         seconds=time.perf_counter() - start,
         diverged=diverged,
         history=history,
+        stop=stop,
+        watched=watched,
+        start_val=start_val,
     )
+
+
+@torch.no_grad()
+def _scored(model: nn.Module, score: Callable[[nn.Module], float]) -> float:
+    """``score(model)`` in eval mode, the model's mode restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        return float(score(model))
+    finally:
+        model.train(was_training)
 
 
 def _schedule(config: TrainConfig, total: int) -> Callable[[int], tuple[float, float]] | None:

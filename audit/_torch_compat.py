@@ -65,13 +65,13 @@ def has_fused_adam() -> bool:
     return callable(getattr(torch, "_fused_adam_", None))
 
 
-def adam(params: Sequence[nn.Parameter], *, lr: float, weight_decay: float = 0.0):
+def adam(params: Sequence[nn.Parameter], *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)):
     """An Adam optimizer for ``params``: :class:`FusedAdam` when every parameter is a float tensor on the
     CPU and torch has the kernel; ``torch.optim.Adam(fused=True)`` on CUDA (checked on a GPU); else
     torch's default Adam (its fused path needs the same kernel)."""
     params = list(params)
     floats = bool(params) and all(p.is_floating_point() for p in params)
     if floats and has_fused_adam() and all(p.device.type == "cpu" for p in params):
-        return FusedAdam(params, lr=lr, weight_decay=weight_decay)
+        return FusedAdam(params, lr=lr, weight_decay=weight_decay, betas=betas)
     fused = floats and has_fused_adam() and all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, betas=betas, **({"fused": True} if fused else {}))

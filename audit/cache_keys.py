@@ -43,12 +43,21 @@ def activations(model_hash: str, data_hash: str, seed: int, profile: str, cut: s
 
 
 def attack_job(*, cut: str, attack: str, defense: str, kind: str, profile: str, seed: int, epochs: int | None,
-               has_candidate: bool, trained_model: str, victim: str, data_hash: str, aux_key: tuple, code: str) -> str:
+               has_candidate: bool, trained_model: str, victim: str, data_hash: str, aux_key: tuple, code: str,
+               start: str | None = None) -> str:
     """A fitted attack: what it was trained on (the model whose activations, the victim it refines from,
-    the data and queries), how (spec fields) and by what code (the attack's, its modality's, the training
-    loop's and the defense's source); not what it is scored on or how its progress bar reads."""
+    the data and queries), how (spec fields: an extension's ``epochs`` is its grant) and by what code (the
+    attack's, its modality's, the training loop's and the defense's source); not what it is scored on or
+    how its progress bar reads. ``start``: the key of the fitted state it resumes or refines (an extension's
+    base, a refinement's extended start), so a different grant anywhere upstream is a different key."""
     what = (cut, attack, defense, kind, profile, seed, epochs, has_candidate)
-    return key_of("attack-job", what, trained_model, victim, data_hash, aux_key, code)
+    return key_of("attack-job", what, trained_model, victim, data_hash, aux_key, code, *(() if start is None else (start,)))
+
+
+def attack_flops(*, attack: str, profile: str, modality: str, act_shape: tuple[int, ...], inputs: tuple[int, ...], code: str) -> str:
+    """An attack's training FLOPs per epoch at an activation of ``act_shape`` on aux inputs of shape ``inputs``
+    (N, ...): its network follows from the shapes and the profile, its step from ``code``."""
+    return key_of("attack-flops", attack, profile, modality, tuple(act_shape), tuple(inputs), code)
 
 
 def dfil_trace(*, model_hash: str, inputs_hash: str, seed: int, cut: str, probes: int, method: str, code: str) -> str:

@@ -1,8 +1,9 @@
 """The attack jobs of the audit grid, as pure functions: a job spec and its inputs in, one output out.
 
 A job fits one attack at one cut on the activations of one defense (``fit``: from scratch;
-``refine``: warm-started from the base attack of the same cut), then scores it on the evaluation
-activations of one or more defenses. Everything random in a job is drawn from generators seeded by
+``extend``: the base fit resumed for the epochs the budget's ledger granted it; ``refine``: warm-started
+from the base attack of the same cut, extended or not), then scores it on the evaluation activations of
+one or more defenses. Everything random in a job is drawn from generators seeded by
 (seed, cut, defense, attack, kind), so neither the order of jobs nor the place they run (a thread
 here, a Ray worker elsewhere) changes a number.
 
@@ -40,10 +41,13 @@ class JobSpec:
     cut: str
     attack: str
     defense: str  # canonical spec of the defense whose activations the attacker trains on ("none": clean)
-    kind: str  # "fit": from scratch | "refine": warm start from the base ("fit") job of the same cut and attack
+    # "fit": from scratch | "extend": the base fit resumed for a granted budget | "refine": warm start from the
+    # base ("fit") job of the same cut and attack, or from its extension
+    kind: str
     profile: str
     seed: int
-    epochs: int | None = None  # a refinement's budget; None: the attack's own
+    epochs: int | None = None  # a refinement's budget, an extension's grant; None: the attack's own
+    ledgered: bool = False  # a base fit whose extension the audit's ledger decides: it never extends itself
     score: tuple[str, ...] = ()  # defenses whose evaluation activations the fitted attack is scored on
     label: str = ""  # what the progress bar says
     device: str = "cpu"  # where the job computes (a Ray worker moves its inputs there)
@@ -69,7 +73,7 @@ class JobInputs:
     acts: dict[str, Activations]  # defense spec -> activations of the model that defense runs (train + score)
     fitted: dict[str, Fitted] = field(default_factory=dict)  # defense spec -> its transform at this cut (none: absent)
     head: nn.Module | None = None  # the model the training defense runs, for white-box attacks only
-    base_state: dict | None = None  # a refine job's starting point
+    base_state: dict | None = None  # a refine or extend job's starting point
     # An adaptive job's other candidate: the undefended attacker. An attacker who knows the defense
     # keeps whichever of the two rebuilds its own defended held-out aux data better, so adapting can
     # never do worse than not adapting because a short refinement had not settled yet.
@@ -128,10 +132,12 @@ def plan_cut(cut: str, *, attacks: Sequence[str], defenses: Sequence[Defense], p
              modality: str = "image", adaptive_epochs: int | None = None) -> list[PlannedJob]:
     """The job graph of one cut, in submission order.
 
-    Per learned attack that can warm-start: a base job fits on clean activations; then, with equal
-    budgets, the undefended attacker refines the base on clean activations for as many epochs as each
-    adaptive attacker refines it on defended ones (otherwise extra training alone would make a defended
-    cut look leakier than the undefended one). An adaptive job waits for the undefended one: it is its
+    Per learned attack that can warm-start: a base job fits on clean activations; for an attack whose
+    budget the ledger moves between cuts (``budgeted``), an ``extend`` job then resumes it for the epochs
+    it is granted (none when its curve had flattened: the driver then passes the base on as it is); then,
+    with equal budgets and from the same start, the undefended attacker refines it on clean activations
+    for as many epochs as each adaptive attacker refines it on defended ones (otherwise extra training
+    alone would make a defended cut look leakier than the undefended one). An adaptive job waits for the undefended one: it is its
     other candidate. The undefended attacker is also scored on every defended activation (the
     non-adaptive rows). An attack that cannot warm-start (rMLE) is fitted afresh per defense; one that
     learns nothing from aux data is not re-fitted for an activation defense, only scored. An attack that
@@ -144,9 +150,15 @@ def plan_cut(cut: str, *, attacks: Sequence[str], defenses: Sequence[Defense], p
         cls = ATTACKS[name]
         common = dict(cut=cut, attack=name, profile=profile, seed=seed, device=device, modality=modality)
         if cls.warm_start:
-            out.append(PlannedJob("base", JobSpec(defense="none", kind="fit", label=f"{cut}: {name} on clean activations", **common)))
+            out.append(PlannedJob("base", JobSpec(defense="none", kind="fit", label=f"{cut}: {name} on clean activations",
+                                                  ledgered=cls.budgeted, **common)))
+            start = "base"
+            if cls.budgeted:
+                out.append(PlannedJob("extend", JobSpec(defense="none", kind="extend", label=f"{cut}: {name} extended on clean activations",
+                                                        **common), after="base"))
+                start = "extend"
             out.append(PlannedJob("clean", JobSpec(defense="none", kind="refine", epochs=adaptive_epochs, score=specs,
-                                                   label=f"{cut}: {name} refined on clean activations", **common), after="base"))
+                                                   label=f"{cut}: {name} refined on clean activations", **common), after=start))
         else:
             out.append(PlannedJob("clean", JobSpec(defense="none", kind="fit", score=specs, label=f"{cut}: {name} on clean activations",
                                                    **common)))
@@ -169,8 +181,12 @@ def run_job(spec: JobSpec, inputs: JobInputs, *, on_epoch: Callable[[int, int, f
     """Fit (or load) the attack of ``spec`` and score it. Raises on failure; the driver records it."""
     start = time.perf_counter()
     # A refinement continues a fitted attack for exactly its budget: no restart, no extension (every
-    # refinement of a cut gets the same training, so none looks leakier from training alone).
-    params = {"epochs": spec.epochs or 0, "restarts": 0, "extensions": 0} if spec.kind == "refine" else {}
+    # refinement of a cut gets the same training, so none looks leakier from training alone). An extension
+    # runs exactly its grant; a ledgered base fit never extends itself (the ledger decides).
+    if spec.kind in ("refine", "extend"):
+        params = {"epochs": spec.epochs or 0, "restarts": 0, "extensions": 0}
+    else:
+        params = {"extensions": 0} if spec.ledgered else {}
     attack = make_attack(spec.attack, profile=spec.profile, params=params)
     modality = get_modality(spec.modality)
     x_aux, x_eval = inputs.x_aux, inputs.x_eval
@@ -180,10 +196,10 @@ def run_job(spec: JobSpec, inputs: JobInputs, *, on_epoch: Callable[[int, int, f
         attack.load_state(inputs.cached["state"], tuple(z_train.shape[1:]), tuple(x_aux.shape[1:]), device=z_train.device)
         report = dict(inputs.cached["report"]) | {"cached": True}
     else:
-        if spec.kind == "refine":
+        if spec.kind in ("refine", "extend"):
             base = make_attack(spec.attack, profile=spec.profile)
             base.load_state(inputs.base_state, tuple(z_train.shape[1:]), tuple(x_aux.shape[1:]), device=z_train.device)
-            attack.warm_start_from(base)
+            (attack.extend_from if spec.kind == "extend" else attack.warm_start_from)(base)
         if inputs.start_state is not None:  # the fitted attack it starts from, for this (cut, defense)
             source = make_attack(attack.starts_from, profile=spec.profile)
             source.load_state(inputs.start_state, tuple(z_train.shape[1:]), tuple(x_aux.shape[1:]), device=z_train.device)
@@ -219,8 +235,10 @@ def run_job(spec: JobSpec, inputs: JobInputs, *, on_epoch: Callable[[int, int, f
         report = {
             "converged": rep.converged, "restarts": rep.restarts, "epochs": rep.epochs, "seconds": round(rep.seconds, 2),
             "val_loss": rep.val_loss, "baseline_loss": rep.baseline_loss, "notes": list(rep.notes),
-            "prior": attack.prior_outcome,
+            "prior": attack.prior_outcome, "stop": rep.stop,
         }
+        if spec.kind == "extend":
+            report["grant_epochs"] = spec.epochs
         if inputs.candidate_state is not None and attack.holds_out and attack.holdout is not None:
             attack = _select(attack, inputs.candidate_state, spec, z_train, x_aux, report, inputs.candidate_converged, modality)
     prior = inputs.prior_scores
@@ -289,7 +307,7 @@ def _select(attack, candidate_state: dict, spec: JobSpec, z_aux: torch.Tensor, x
     mine, theirs = score(attack), score(other)
     report["selection"] = {f"refined_holdout_{metric}": round(mine, 5), f"undefended_holdout_{metric}": round(theirs, 5)}
     if not mine >= theirs:  # a NaN refinement loses too
-        what, data = ("its start (the base fit)", "held-out") if spec.defense == "none" else ("the undefended attacker", "defended held-out")
+        what, data = ("its start (the base fit, extended where granted)", "held-out") if spec.defense == "none" else ("the undefended attacker", "defended held-out")
         report["notes"] = list(report["notes"]) + [
             f"kept {what}: on {data} aux data its {metric} {theirs:.4g} beats the refinement's {mine:.4g}"
         ]

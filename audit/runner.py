@@ -97,7 +97,7 @@ def run_audit(config: AuditConfig, *, reporter: Reporter | None = None) -> Audit
     executor_info = {"executor": executor.name, "workers": executor.workers, "threads_per_job": sched.threads_per_job}
     result_rows = rows.all()
     result = _result(s, cut_infos, result_rows, rows.grids, utility.notes + rows.notes, cache, timings, executor_info, t_start, interrupted, judge,
-                     dfil=rows.dfil_info)
+                     dfil=rows.dfil_info, budget=sched.budget_summary())
     if interrupted:
         raise AuditInterrupted(result)
     return result
@@ -138,7 +138,7 @@ def _environment(device: torch.device) -> dict[str, Any]:
 
 
 def _result(s: Scenario, cut_infos, rows, grids, notes_extra, cache, timings, executor_info, t_start, interrupted, judge,
-            dfil: dict | None = None) -> AuditResult:
+            dfil: dict | None = None, budget: dict | None = None) -> AuditResult:
     cfg = s.config
     notes = list(s.notes) + list(notes_extra)
     if interrupted:
@@ -168,6 +168,7 @@ def _result(s: Scenario, cut_infos, rows, grids, notes_extra, cache, timings, ex
             "timings": {k: round(v, 2) for k, v in list(timings.items())},  # a snapshot: a fine-tuning may still add to it
             **executor_info, "interrupted": interrupted,
             **({"dfil": dfil} if dfil is not None else {}),  # how the noise defenses' dFIL references were estimated
+            **({"budget": budget} if budget else {}),  # each ledgered attack's training budget across cuts (splitaudit.ledger)
         },
         threshold=cfg.threshold,
         reid_threshold=cfg.reid_threshold,

@@ -6,6 +6,14 @@ job waits for the one it refines (and an adaptive job for the undefended one, it
 one that needs a model a defense is still fine-tuning is held back while the workers take the next
 cut's base fits instead of idling. Between polls the driver does the work that need not wait for a
 quiet machine: each cut's utility, measured while the jobs of other cuts train.
+
+The training budget of an attack that can be extended (``budgeted``) is kept in a ledger per attack
+(:mod:`splitaudit.ledger`): each base fit's outcome is recorded when it ends, and a cut's ``extend`` job
+is submitted with the epochs granted to it, once the cuts before it have their outcomes (a grant depends
+on those and on nothing else, so the order and timing of jobs change no number). A cut waiting for its
+grant is, like one waiting for a fine-tuning, left out of the cuts in flight: the workers take the next
+cut's base fit. An extension with nothing granted (the base had flattened) is not run: its base is passed
+on as it is.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from splitaudit.costs import UtilityMeter
 from splitaudit.defenses.base import Defense, Fitted
 from splitaudit.errors import UserError
 from splitaudit.jobs import Activations, JobInputs, JobOutput, JobSpec, PlannedJob, plan_cut
+from splitaudit.ledger import Ledger, Outcome
 from splitaudit.prepared import PreparedModels, error_text
 from splitaudit.progress import open_task
 
@@ -52,6 +61,9 @@ class Scheduler:
         self._deferred: list[tuple[JobSpec, Any]] = []  # (job, the output it waited for) held back for a fine-tuning
         self._todo: list[tuple[str, list[Defense]]] = []  # (cut, defenses) whose utility is still to measure
         self._overall: Any = None
+        self.ledgers: dict[str, Ledger | None] = {}  # attack -> its budget across cuts (None: that attack has none)
+        self._parked: dict[str, tuple[JobSpec, Any]] = {}  # extend job id -> (its spec, its base's output), awaiting a grant
+        self._state_keys: dict[str, str] = {}  # job id -> the cache key of the fitted state it produced (or passed on)
 
     # -- the graph --
     def plan(self, cut: str) -> list[PlannedJob]:
@@ -68,12 +80,58 @@ class Scheduler:
     def _model(self, defense_spec: str, cut: str):
         return self.prepared.get(self.s.defense(defense_spec), cut)
 
-    def _cache_key(self, spec: JobSpec, has_candidate: bool) -> str:
+    def _cache_key(self, spec: JobSpec, has_candidate: bool, start: str | None = None) -> str:
         s = self.s
         return keys.attack_job(cut=spec.cut, attack=spec.attack, defense=spec.defense, kind=spec.kind, profile=spec.profile,
-                               seed=spec.seed, epochs=spec.epochs, has_candidate=has_candidate,
+                               seed=spec.seed, epochs=spec.epochs, has_candidate=has_candidate, start=start,
                                trained_model=self._model(spec.defense, spec.cut)[1], victim=s.model_hash, data_hash=s.data_hash,
                                aux_key=s.aux_key, code=keys.code_of(ATTACKS[spec.attack], type(s.modality), train, type(s.defense(spec.defense))))
+
+    # -- the budget --
+    def ledger(self, attack: str) -> Ledger | None:
+        """The ledger of ``attack`` across the audit's cuts, made when first needed (None: its budget is fixed)."""
+        if attack not in self.ledgers:
+            s = self.s
+            instance = ATTACKS[attack](profile=s.config.profile)
+            terms = instance.allotment(s.modality) if ATTACKS[attack].budgeted else None
+            ledger = None
+            if terms is not None:
+                cuts = [c.name for c in s.cuts]
+                flops = {c.name: self._epoch_flops(instance, tuple(c.shape)) for c in s.cuts}
+                unit = "training FLOPs"
+                if any(f is None for f in flops.values()):  # not countable: every epoch costs the same
+                    flops, unit = dict.fromkeys(cuts, 1.0), "epochs"
+                ledger = Ledger(cuts, flops, nominal_epochs=terms[0], cap=terms[1], unit=unit)
+            self.ledgers[attack] = ledger
+        return self.ledgers[attack]
+
+    def _epoch_flops(self, attack, act_shape: tuple[int, ...]) -> float | None:
+        """``attack.epoch_flops`` at an activation of ``act_shape``, from the cache when an audit counted it."""
+        s = self.s
+        key = keys.attack_flops(attack=attack.name, profile=s.config.profile, modality=s.modality.name, act_shape=act_shape,
+                                inputs=tuple(s.x_aux.shape), code=keys.code_of(type(attack), type(s.modality)))
+        hit = self.cache.get("flops", key)
+        if hit is not None:
+            return hit["flops"]
+        flops = attack.epoch_flops(act_shape, s.x_aux, s.modality)
+        if flops is not None:
+            self.cache.put("flops", key, {"flops": flops})
+        return flops
+
+    def budget_summary(self) -> dict[str, Any]:
+        """Each ledgered attack's ledger (for the result's config)."""
+        return {a: ledger.summary() for a, ledger in self.ledgers.items() if ledger is not None}
+
+    def _record_base(self, spec: JobSpec, out) -> None:
+        ledger = self.ledger(spec.attack)
+        if ledger is None:
+            return
+        if isinstance(out, JobOutput):
+            stop = out.report.get("stop") or "budget"
+            outcome = Outcome(epochs=int(out.report.get("epochs", 0)), improving=stop == "budget", stop=stop)
+        else:
+            outcome = Outcome(epochs=0, improving=False, stop="failed")
+        ledger.record(spec.cut, outcome)
 
     # -- running --
     def run(self) -> None:
@@ -82,14 +140,17 @@ class Scheduler:
         n_jobs = sum(len(self.plan(c.name)) for c in s.cuts)
         self._overall = open_task(self.reporter, f"attack jobs ({len(s.cuts)} cuts)", n_jobs, keep=True)
         for cut in s.cuts:
-            # A cut whose next jobs wait for a fine-tuned model does not count: the workers take the
-            # next cut's base fit meanwhile instead of idling.
-            while len(self._open) - len({d.cut for d, _ in self._deferred}) >= window or len(self._open) >= MAX_CUTS_IN_FLIGHT:
+            # A cut whose next jobs wait for a fine-tuned model or for its grant does not count: the workers
+            # take the next cut's base fit meanwhile instead of idling.
+            while len(self._open) - len(self._held_cuts()) >= window or len(self._open) >= MAX_CUTS_IN_FLIGHT:
                 self._pump()
             self._start_cut(cut.name)
-        while self._handles or self._deferred or self._todo:
+        while self._handles or self._deferred or self._todo or self._parked:
             self._pump()
         self._overall.close()
+
+    def _held_cuts(self) -> set[str]:
+        return {d.cut for d, _ in self._deferred} | {d.cut for d, _ in self._parked.values()}
 
     def _start_cut(self, cut: str) -> None:
         s = self.s
@@ -137,7 +198,7 @@ class Scheduler:
             self.utility.measure(cut, todo)
 
     def _submit(self, spec: JobSpec, base_state: dict | None = None, candidate: JobOutput | None = None,
-                start: JobOutput | None = None) -> None:
+                start: JobOutput | None = None, start_key: str | None = None) -> None:
         s = self.s
         inp = self._inputs[spec.cut]
         # A changed model whose fine-tuning failed is not scored on: its rows carry that error, and
@@ -149,7 +210,7 @@ class Scheduler:
         if missing:  # a changed model's activations (not pumping: this may run inside _pump)
             self._add_acts(spec.cut, missing)
             self._measure_utility(spec.cut, missing)
-        self._keys[spec.id] = key = self._cache_key(spec, candidate is not None)
+        self._keys[spec.id] = key = self._cache_key(spec, candidate is not None, start_key)
         hit = self.cache.get("attacks", key)
         used = {spec.defense, *spec.score}
         head = None
@@ -170,6 +231,8 @@ class Scheduler:
 
     def _pump(self, timeout: float = 0.2) -> None:
         self.prepared.raise_user_error()
+        if self._parked:
+            self._grant_parked(final=not (self._handles or self._deferred or self._todo))
         if self._todo:
             cut, ds = self._todo.pop(0)
             self._measure_utility(cut, ds)
@@ -204,11 +267,62 @@ class Scheduler:
             task.close()
         if self._overall is not None:
             self._overall.advance()
-        if isinstance(out, JobOutput) and out.state is not None and not out.report.get("cached"):
+        if isinstance(out, JobOutput) and out.state is not None and not out.report.get("cached") and not out.report.get("passed_on"):
             self.cache.put("attacks", self._keys[spec.id], {"state": out.state, "report": out.report})
+        if spec.id in self._keys and spec.id not in self._state_keys:
+            self._state_keys[spec.id] = self._keys[spec.id]
+        if spec.ledgered:
+            self._record_base(spec, out)
+        elif spec.kind == "extend" and (ledger := self.ledger(spec.attack)) is not None and isinstance(out, JobOutput):
+            ledger.record_extension(spec.cut, int(out.report.get("epochs", 0)), out.report.get("stop") or "budget")
         for dep in self._waiting.pop(spec.id, []):
             self._submit_dep(dep, out)
+        if spec.ledgered and self._parked:
+            self._grant_parked()
         self._closed_one(spec.cut)
+
+    # -- extensions --
+    def _extend(self, dep: JobSpec, base) -> None:
+        """Submit the extension ``dep`` of the base fit ``base`` with the epochs granted to it, pass the base on
+        as it is when nothing was granted, or park it until the cuts before it have their outcomes."""
+        if not (isinstance(base, JobOutput) and base.state is not None):
+            self._finish(dep, RuntimeError(f"its base attack failed: {error_text(base)}"))
+            return
+        ledger = self.ledger(dep.attack)
+        asks = ledger is not None and (base.report.get("stop") or "budget") == "budget"  # still improving: it asks for more
+        grant = ledger.grant(dep.cut) if asks else None
+        if asks and grant is None:
+            self._parked[dep.id] = (dep, base)
+            return
+        base_id = self.jobs[(dep.cut, dep.attack, "base")].id
+        if grant is None or grant.epochs == 0:  # a base that flattened needs no grant, nor to wait for one
+            reason = grant.reason if grant is not None else base.report.get("stop") or "not ledgered"
+            report = {"converged": bool(base.report.get("converged", True)), "epochs": 0, "seconds": 0.0, "restarts": 0,
+                      "stop": f"not extended: {reason}", "grant_epochs": 0, "passed_on": True, "notes": []}
+            self._state_keys[dep.id] = self._state_keys.get(base_id) or self._keys.get(base_id, "")
+            self._finish(dep, JobOutput(spec=dep, report=report, state=base.state))
+            return
+        spec = replace(dep, epochs=grant.epochs)
+        self.jobs[(dep.cut, dep.attack, "extend")] = spec  # the same id: the grant is its budget, not its identity
+        try:
+            self._submit(spec, base_state=base.state, start_key=self._state_keys.get(base_id))
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - that job's failure
+            self._finish(spec, exc)
+
+    def _grant_parked(self, final: bool = False) -> None:
+        """Submit the parked extensions whose grants can now be decided (in cut order). ``final``: nothing else
+        can record an outcome any more, so one still undecided is a failure, never a wait forever."""
+        order = {c.name: i for i, c in enumerate(self.s.cuts)}
+        for job_id, (dep, base) in sorted(self._parked.items(), key=lambda kv: order.get(kv[1][0].cut, 0)):
+            ledger = self.ledger(dep.attack)
+            if ledger.grant(dep.cut) is not None:
+                del self._parked[job_id]
+                self._extend(dep, base)
+            elif final:
+                del self._parked[job_id]
+                self._finish(dep, RuntimeError("no grant: a cut before it never finished its base fit"))
 
     def _submit_dep(self, dep: JobSpec, out, wait: bool = False) -> None:
         """Submit ``dep``, which waited for ``out`` (None: for nothing); held back (unless ``wait``)
@@ -219,12 +333,19 @@ class Scheduler:
         if starts and not (isinstance(out, JobOutput) and out.state is not None):
             self._finish(dep, RuntimeError(f"the {source} it starts from failed: {error_text(out)}"))
             return
+        if dep.kind == "extend":
+            self._extend(dep, out)
+            return
+        start_key = None
         if dep.kind == "refine":
-            base = self.outputs.get(self.jobs[(dep.cut, dep.attack, "base")].id)
+            # From the base fit as its extension left it (the same start for every refinement of the cut).
+            role = "extend" if (dep.cut, dep.attack, "extend") in self.jobs else "base"
+            start_id = self.jobs[(dep.cut, dep.attack, role)].id
+            base = self.outputs.get(start_id)
             if not (isinstance(base, JobOutput) and base.state is not None):
                 self._finish(dep, RuntimeError(f"its base attack failed: {error_text(base)}"))
                 return
-            base_state = base.state
+            base_state, start_key = base.state, self._state_keys.get(start_id)
         if not wait and any(not self.prepared.done(self.s.defense(d), dep.cut) for d in (dep.defense, *dep.score) if d != "none"):
             self._deferred.append((dep, out))
             return
@@ -233,7 +354,7 @@ class Scheduler:
             # an adaptive one; for the undefended refinement, its start (the base fit), so that its extra epoch can
             # never make it worse than what it started from.
             candidate = out if not starts and isinstance(out, JobOutput) and (dep.defense != "none" or dep.kind == "refine") else None
-            self._submit(dep, base_state=base_state, candidate=candidate, start=out if starts else None)
+            self._submit(dep, base_state=base_state, candidate=candidate, start=out if starts else None, start_key=start_key)
         except UserError:
             raise  # a defense that cannot change this model (found while fine-tuning): bad input, exit 2
         except Exception as exc:  # noqa: BLE001 - e.g. the object store is full: that job's failure
@@ -258,19 +379,41 @@ class Scheduler:
         if not isinstance(out, JobOutput):
             return None, {"converged": False, "error": error_text(out)}
         report = out.report
-        base = self.jobs.get((cut, attack, "base"))
-        if spec.kind == "refine" and base is not None and isinstance(self.outputs.get(base.id), JobOutput):
-            report = merge_reports(self.outputs[base.id].report, report)
+        if spec.kind == "refine":
+            phases = {}
+            for role in ("base", "extend"):
+                before = self.jobs.get((cut, attack, role))
+                if before is not None and isinstance(self.outputs.get(before.id), JobOutput):
+                    phases[role] = self.outputs[before.id].report
+            ledger = self.ledgers.get(attack)
+            report = merge_reports(phases, report, nominal_epochs=ledger.nominal_epochs if ledger is not None else None)
         return out, report
 
 
-def merge_reports(base: dict, refine: dict) -> dict:
-    """The report of a base fit followed by a refinement, as one training."""
+def _phase(report: dict) -> dict:
+    """What one phase of a training spent and why it stopped."""
+    keep = ("epochs", "seconds", "restarts", "stop", "grant_epochs", "cached")
+    return {k: report[k] for k in keep if k in report}
+
+
+def merge_reports(phases: dict[str, dict], refine: dict, *, nominal_epochs: int | None = None) -> dict:
+    """The report of a base fit, its extension (``phases``: role -> report) and a refinement, as one training:
+    epochs, seconds and restarts summed, notes joined, and per phase what it spent and why it stopped
+    (``phases``); ``stop`` is why the learning before the refinement ended (the extension's, else the base's)."""
     if "error" in refine:
         return refine
+    before = [phases[r] for r in ("base", "extend") if r in phases]
     out = dict(refine)
-    out["epochs"] = base.get("epochs", 0) + refine.get("epochs", 0)
-    out["seconds"] = round(base.get("seconds", 0) + refine.get("seconds", 0), 2)
-    out["notes"] = list(base.get("notes", [])) + list(refine.get("notes", []))
+    out["epochs"] = sum(p.get("epochs", 0) for p in before) + refine.get("epochs", 0)
+    out["seconds"] = round(sum(p.get("seconds", 0) for p in before) + refine.get("seconds", 0), 2)
+    out["restarts"] = sum(p.get("restarts", 0) for p in before) + refine.get("restarts", 0)
+    out["notes"] = [n for p in before for n in p.get("notes", [])] + list(refine.get("notes", []))
     out["converged"] = bool(refine.get("converged", True))  # the refinement picks up where the base ended
+    out["phases"] = {**{r: _phase(phases[r]) for r in ("base", "extend") if r in phases}, "refine": _phase(refine)}
+    ext = phases.get("extend")
+    out["stop"] = ext["stop"] if ext is not None and ext.get("epochs") else (phases.get("base") or {}).get("stop")
+    if ext is not None:
+        out["grant_epochs"] = ext.get("grant_epochs", ext.get("epochs", 0))
+    if nominal_epochs is not None:
+        out["nominal_epochs"] = nominal_epochs
     return out

@@ -184,10 +184,11 @@ def test_the_hybrid_has_its_own_rows_started_from_the_audits_decoder(ladder):
 
 def test_the_assessment_picks_the_hybrid_when_it_is_strongest(ladder):
     # The rule is the same for every attack: raise the hybrid above the decoder and it becomes the headline.
-    rows = [replace(r, ssim=0.9, ssim_ci=(0.89, 0.91)) if (r.attack, r.defense) == ("hybrid", "none") else r for r in ladder.results]
+    rows = [replace(r, ssim=0.99, ssim_ci=(0.985, 0.995)) if (r.attack, r.defense) == ("hybrid", "none") else r for r in ladder.results]
+    assert all(r.ssim < 0.985 for r in rows if r.attack == "decoder" and r.defense == "none")  # above the decoder, whatever it reached
     result = replace(ladder, results=tuple(rows))
     a = result.assessment("fc", "none")
-    assert (a.headline.attack, a.headline.adaptive, a.value) == ("hybrid", False, 0.9)
+    assert (a.headline.attack, a.headline.adaptive, a.value) == ("hybrid", False, 0.99)
     assert a.to_dict()["headline"]["attack"] == "hybrid"
 
 

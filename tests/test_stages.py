@@ -29,13 +29,17 @@ def _graph(attacks, defenses, epochs=2):
 def test_a_warm_starting_attack_fits_once_then_refines_with_equal_budgets():
     jobs = _graph(["decoder"], ["none", "noise:sigma=1", "dpsgd:epsilon=8"])
     assert [(j.role, j.spec.kind, j.after) for j in jobs] == [
-        ("base", "fit", None), ("clean", "refine", "base"), (NOISE, "refine", "clean"), (DP, "refine", "clean")]
-    # every refinement gets the same budget, so no defense looks leaky (or private) from training alone
+        ("base", "fit", None), ("extend", "extend", "base"), ("clean", "refine", "extend"), (NOISE, "refine", "clean"),
+        (DP, "refine", "clean")]
+    # the base's extension is granted by the ledger; every refinement starts from it with the same budget, so no
+    # defense looks leaky (or private) from training alone
+    assert jobs[0].spec.ledgered and not any(j.spec.ledgered for j in jobs[1:])
+    assert jobs[1].spec.epochs is None  # the grant is the driver's to decide
     assert {j.spec.epochs for j in jobs if j.spec.kind == "refine"} == {2}
-    clean = jobs[1].spec
+    clean = jobs[2].spec
     assert clean.score == ("none", NOISE, DP)  # the undefended attacker is scored on every defense: the non-adaptive rows
-    assert [j.spec.score for j in jobs[2:]] == [(NOISE,), (DP,)]
-    assert jobs[0].spec.score == ()  # the base is never scored: it is only the refinements' start
+    assert [j.spec.score for j in jobs[3:]] == [(NOISE,), (DP,)]
+    assert jobs[0].spec.score == jobs[1].spec.score == ()  # base and extension are never scored: only the refinements' start
     assert len({j.spec.id for j in jobs}) == len(jobs)
 
 
@@ -55,7 +59,7 @@ def test_an_attack_that_learns_nothing_is_refitted_only_for_a_changed_model(monk
 def test_the_graph_lists_every_attack_and_only_depends_on_its_arguments():
     a = _graph(["decoder", "rmle"], ["none", "noise:sigma=1"])
     assert a == _graph(["decoder", "rmle"], ["none", "noise:sigma=1"])
-    assert [j.spec.attack for j in a] == ["decoder"] * 3 + ["rmle"] * 2
+    assert [j.spec.attack for j in a] == ["decoder"] * 4 + ["rmle"] * 2
     assert all(j.spec.seed == 3 and j.spec.cut == "c" for j in a)
 
 

@@ -132,6 +132,10 @@ def print_audit(result: AuditResult, console: Console | None = None) -> None:
     if chance:
         line += f". re-id: the share of inputs a reconstruction picks out of the evaluation set (chance {100 * chance:.2f}%)"
     console.print(line, markup=False, highlight=False, soft_wrap=True)
+    from splitaudit.ledger import budget_lines
+
+    for text in budget_lines(result.config):  # where each learned attack's training budget went
+        console.print(f"training budget, {text}", markup=False, highlight=False, soft_wrap=True)
     for a in result.assessments():
         if a.status == "no_conclusion":
             console.print(f"no conclusion at {a.cut} / {a.defense}: {a.reasons[0]}", style="yellow", markup=False, highlight=False,

@@ -31,6 +31,7 @@ import jinja2
 from markupsafe import Markup
 
 from splitaudit.assess import Assessment
+from splitaudit.ledger import budget_lines
 from splitaudit.report.plots import CurvePoint, Panel, PlanPoint, TradePoint, leakage_curve, pareto_front, plan_front, tradeoff, warm_plots
 from splitaudit.results import AuditResult, ResultRow, atomic_write_text
 
@@ -619,7 +620,8 @@ def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str,
 
         command = shlex.join(str(a) for a in command)
     repro_run = [("created", result.created), ("seed", result.seed), ("modality", modality.name), (f"threshold ({hm.label})", _num(thr, 2))]
-    repro_run += [(k, _value(v)) for k, v in cfg.items() if k != "threshold"]
+    repro_run += [(k, _value(v)) for k, v in cfg.items() if k not in ("threshold", "budget")]
+    repro_run += [("training budget", line) for line in budget_lines(result.config)]  # the ledger itself is in results.json
 
     def lead_text(row: ResultRow) -> str:
         v, lo, hi = _lead(row, lead)
@@ -662,6 +664,7 @@ def build_context(result: AuditResult, *, base: Path | None = None) -> dict[str,
         "fisher_how": result.config.get("dfil") if isinstance(result.config.get("dfil"), dict) else {},
         "flags": flags,
         "row_notes": row_notes,
+        "budget": budget_lines(result.config),
         "failed": failed,
         "negative_overheads": negative_overheads,
         "attacks": attacks,
