@@ -89,7 +89,7 @@ def _standardizer(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (spatial) or per-feature statistics; dead features get std 1 so they stay zero."""
     # 4-d: per channel; 3-d (a sequence of hidden states, N x L x d): per feature over every position; else per feature
     dims = (0, 2, 3) if z.dim() == 4 else (0, 1) if z.dim() == 3 else (0,)
-    if z.dim() == 3 and bool((sent := z.abs().amax(dim=-1) > 0).any()):  # positions never sent (padding, zeros) do not count
+    if z.dim() == 3 and bool((sent := z.ne(0).any(dim=-1)).any()):  # positions never sent (padding, zeros) do not count
         mean = z[sent].mean(dim=0).view(1, 1, -1)
         std = z[sent].std(dim=0).view(1, 1, -1)
     else:

@@ -44,6 +44,9 @@ class TextModality(Modality):
     headline = "token_accuracy"
     examples_format = "html"
     utility_draws = 1
+    # The defended sentence embeddings of 500 evaluation texts: a mean cosine similarity near 0.9 varies by about 0.005
+    # (95%) between two such draws, and each (cut, defense) runs the blocks after its cut on them.
+    utility_samples = 500
 
     # -- data --
     def claims(self, data_spec: str) -> bool:
@@ -156,7 +159,9 @@ class TextModality(Modality):
     def on_wire(self, z, x):
         """A sequence is sent at its own length: a defense's noise at the padding positions never leaves the
         device, and the attacker sees zeros there, as without the defense."""
-        return z * (x[:, 1] != PAD).unsqueeze(-1).to(z.dtype) if z.dim() == 3 and z.shape[1] == x.shape[-1] else z
+        if z.dim() == 3 and z.shape[1] == x.shape[-1]:
+            return z.masked_fill((x[:, 1] == PAD).unsqueeze(-1).to(z.device), 0.0)
+        return z
 
     def sent(self, z, x):
         """A sequence's hidden states at the positions that are sent, one row per token (N_tokens, d): the
@@ -169,8 +174,8 @@ class TextModality(Modality):
     def standardized(self, z, mean, std):
         """Standardized where something was sent; positions never sent (padding, all zeros) stay zero, as
         on the wire, so the inverter's context sees nothing beyond a text's end."""
-        out = (z - mean) / std
-        return out * (z.abs().amax(dim=-1, keepdim=True) > 0) if z.dim() == 3 else out
+        out = (z - mean).div_(std)  # one new tensor, the rest in place (a refinement's aux set is 180 MB of hidden states)
+        return out.masked_fill_(~z.ne(0).any(dim=-1, keepdim=True), 0.0) if z.dim() == 3 else out
 
     # The learning rate for a cut whose tokens the readout's start already names: a gentle 60% of the profile's peak.
     EASY_RATE = 0.6
@@ -353,7 +358,7 @@ class TextInverter(nn.Module):
             zb = z[i : i + CHUNK]
             f = self.features(zb)
             if self.sequence:
-                sent = zb.abs().amax(dim=-1) > 0
+                sent = zb.ne(0).any(dim=-1)
                 ids = torch.zeros(f.shape[:2], dtype=torch.int64, device=z.device)
                 ids[sent] = vocab[self.logits(f[sent]).argmax(dim=-1)]
                 out.append(ids)

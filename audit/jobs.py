@@ -110,14 +110,15 @@ class JobOutput:
     seconds: float = 0.0
 
 
-def defended(fitted: Fitted | None, acts: Activations, *, seed: int, cut: str, which: str) -> torch.Tensor:
-    """The activations ``which`` (aux | eval) as the fitted defense sends them (None: as they are), with
-    the noise drawn from a generator of their own: a job that only scores draws exactly what the job
-    that trained drew."""
+def defended(fitted: Fitted | None, acts: Activations, *, seed: int, cut: str, which: str, modality, x: torch.Tensor) -> torch.Tensor:
+    """The activations ``which`` (aux | eval, of the inputs ``x``) as the fitted defense sends them (None: as
+    they are), with the noise drawn from a generator of their own: a job that only scores draws exactly what
+    the job that trained drew. Of a transform's output only what crosses the wire is kept (the modality's
+    ``on_wire``: a text's padding is never sent); undefended activations were captured as sent."""
     z = acts.aux if which == "aux" else acts.eval
     if fitted is None:
         return z
-    return fitted(z, generator=job_generator(seed, cut, fitted.spec, "defense", which))
+    return modality.on_wire(fitted(z, generator=job_generator(seed, cut, fitted.spec, "defense", which)), x)
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def run_job(spec: JobSpec, inputs: JobInputs, *, on_epoch: Callable[[int, int, f
     modality = get_modality(spec.modality)
     x_aux, x_eval = inputs.x_aux, inputs.x_eval
     fitted = functools.partial(_fitted, inputs)
-    z_train = modality.on_wire(defended(fitted(spec.defense), inputs.acts[spec.defense], seed=spec.seed, cut=spec.cut, which="aux"), x_aux)
+    z_train = defended(fitted(spec.defense), inputs.acts[spec.defense], seed=spec.seed, cut=spec.cut, which="aux", modality=modality, x=x_aux)
     if inputs.cached is not None:
         attack.load_state(inputs.cached["state"], tuple(z_train.shape[1:]), tuple(x_aux.shape[1:]), device=z_train.device)
         report = dict(inputs.cached["report"]) | {"cached": True}
@@ -244,7 +245,7 @@ def run_job(spec: JobSpec, inputs: JobInputs, *, on_epoch: Callable[[int, int, f
     prior = inputs.prior_scores
     if prior is None and spec.score:
         prior = modality.score(modality.prior(x_aux).expand_as(x_eval), x_eval)[modality.headline]
-    scores = {d: _score(attack, modality.on_wire(defended(fitted(d), inputs.acts[d], seed=spec.seed, cut=spec.cut, which="eval"), x_eval),
+    scores = {d: _score(attack, defended(fitted(d), inputs.acts[d], seed=spec.seed, cut=spec.cut, which="eval", modality=modality, x=x_eval),
                         inputs, modality, prior)
               for d in spec.score}
     state = attack.state() if attack.warm_start else None

@@ -44,7 +44,7 @@ class NoiseDefense(Defense):
         return {"scale": float(z_aux.float().std()) * self.config.sigma}
 
     def transform(self, z, state, *, generator):
-        return z + state["scale"] * noise_like(z, generator, self.config.kind)
+        return noise_like(z, generator, self.config.kind).mul_(state["scale"]).add_(z)  # the fresh noise tensor holds the sum
 
     def describe(self, state):
         return {"noise_std": state.get("scale")}
