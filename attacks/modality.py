@@ -150,6 +150,9 @@ class Modality:
     # text, whose utility (a mean cosine similarity over 1,000 sentence embeddings) varies little between
     # draws, and whose tails are a transformer's blocks.
     utility_draws: ClassVar[int] = 1_000
+    # Evaluation samples utility is measured on, at most (the first of the evaluation split, a random draw): all of
+    # them unless a modality's tails are costly (a transformer's blocks, one tail per defense and cut).
+    utility_samples: ClassVar[int | None] = None
     examples_format: ClassVar[str] = "png"  # what ``examples`` returns: png (image bytes) or html (a fragment)
 
     # -- views --

@@ -293,6 +293,12 @@ class UtilityMeter:
         from splitaudit import cache_keys
 
         self.s, self.cache, self.keys = scenario, cache, cache_keys
+        # The evaluation samples it measures on: the first n (the split is a random draw), all unless the modality caps it.
+        cap = scenario.modality.utility_samples
+        self.n = scenario.n_eval if cap is None else min(scenario.n_eval, cap)
+        self.x = scenario.x_eval[: self.n]
+        self.y = None if scenario.y_eval is None else scenario.y_eval[: self.n]
+        self.clean = None if scenario.clean_pred is None else scenario.clean_pred[: self.n]
         self.results: dict[tuple[str, str], dict] = {}  # (cut, defense spec) -> {"accuracy", "agreement"}
         self.notes: list[str] = []
         self._same: dict[tuple[str, str], dict] = {}  # (model hash, spec) -> a cut-independent result
@@ -305,7 +311,7 @@ class UtilityMeter:
         for d, model_d, hash_d, fitted, z_eval in todo:
             key = self.keys.utility(model_hash=hash_d, victim=s.model_hash, data_hash=s.data_hash, cut=cut, defense=d.spec,
                                     seed=s.config.seed, profile=s.config.profile, code=self.keys.code_of(type(d), UtilityMeter, capture),
-                                    state=None if fitted is None else dict(fitted.state))
+                                    state=None if fitted is None else {**fitted.state, "n": self.n})
             same = (hash_d, d.spec) if not d.transforms_activation and not d.per_cut_model else None
             hit = self.cache.get("utility", key)
             if hit is None and same in self._same:
@@ -315,7 +321,8 @@ class UtilityMeter:
             else:
                 self._record(cut, d.spec, hit, same)
         for model_d, z_eval, items in pending.values():
-            for (d, key, same, _), (acc, agree) in zip(items, self._measure(model_d, cut, [(d, f) for d, _, _, f in items], z_eval)):
+            z = None if z_eval is None else z_eval[: self.n]
+            for (d, key, same, _), (acc, agree) in zip(items, self._measure(model_d, cut, [(d, f) for d, _, _, f in items], z)):
                 hit = {"accuracy": acc, "agreement": agree}
                 self.cache.put("utility", key, hit)
                 self._record(cut, d.spec, hit, same)
@@ -338,8 +345,8 @@ class UtilityMeter:
         out = []
         for k in range(len(ds)):
             mine = [p for (j, _), p in zip(draws, preds) if j == k and p is not None]
-            accs = [accuracy_of(p, s.y_eval, s.clean_pred) for p in mine] if s.y_eval is not None else []
-            agrees = [agreement_of(p, s.clean_pred) for p in mine] if s.clean_pred is not None else []
+            accs = [accuracy_of(p, self.y, self.clean) for p in mine] if self.y is not None else []
+            agrees = [agreement_of(p, self.clean) for p in mine] if self.clean is not None else []
             out.append((sum(accs) / len(accs) if accs else None, sum(agrees) / len(agrees) if agrees else None))
         return out
 
@@ -355,12 +362,12 @@ class UtilityMeter:
         try:
             plain = None
             if None in transforms:
-                plain = s.clean_pred if model is s.model and s.clean_pred is not None else predict(model, s.x_eval)
+                plain = self.clean if model is s.model and self.clean is not None else predict(model, self.x)
             given = [t for t in transforms if t is not None]
             if z_eval is not None and runs_from(model, cut):
-                applied = iter(predict_from(model, s.x_eval, cut, z_eval, given))
+                applied = iter(predict_from(model, self.x, cut, z_eval, given))
             else:
-                applied = iter(predict_each(model, s.x_eval, cut, given))
+                applied = iter(predict_each(model, self.x, cut, given))
             return [plain if t is None else next(applied) for t in transforms]
         except ModelError as exc:
             if len(transforms) > 1:

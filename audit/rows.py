@@ -90,6 +90,7 @@ class RowBuilder:
                 util = self.utility.results.get((cut, spec), {})
                 common = dict(
                     cut=cut, defense=spec, n_eval=s.n_eval, accuracy=_r(util.get("accuracy")), agreement=_r(util.get("agreement")),
+                    utility_n=self.utility.n,
                     **self.latency.row_fields(cut, spec), epsilon=dinfo.get("epsilon"), delta=dinfo.get("delta"),
                     # what the defense sends of the cut's tensor, plus the rest of a module's nest, which travels as it is
                     bytes_per_sample=_wire_bytes(defense, info),

@@ -154,10 +154,16 @@ def text_audit(tiny_bert, jsonl, tmp_path_factory):
     from splitaudit.runner import run_audit
     from splitaudit.writer import write
 
+    from splitaudit.attacks.text import TextModality
+
     out = tmp_path_factory.mktemp("audit")
     cfg = AuditConfig(model=f"hf:{tiny_bert}", data=str(jsonl), defenses=("none", "noise:sigma=4"), profile="quick",
                       cache_dir=str(out / "cache"), out=str(out / "run"))
-    result = run_audit(cfg)
+    cap, TextModality.utility_samples = TextModality.utility_samples, 40  # fewer than the evaluation texts
+    try:
+        result = run_audit(cfg)
+    finally:
+        TextModality.utility_samples = cap
     write(result, out / "run")
     return result, out / "run"
 
@@ -188,6 +194,9 @@ def test_text_bytes_count_the_actual_length_and_utility_is_embedding_similarity(
     noisy = result.headline("blocks.0", "noise:sigma=4,kind=gaussian")
     assert none.agreement == pytest.approx(1.0, abs=1e-5)  # the undefended embedding is itself
     assert noisy.agreement < 0.999 and noisy.accuracy is not None
+    # Utility on the first 40 evaluation texts (the modality's cap), its accuracy in steps of 1/40.
+    assert noisy.value("utility_n") == none.value("utility_n") == 40 < none.n_eval
+    assert (noisy.accuracy * 40) == pytest.approx(round(noisy.accuracy * 40), abs=1e-3)
 
 
 def test_the_text_report_and_gate(text_audit, tmp_path, capsys):
