@@ -72,6 +72,7 @@ class Budget:
     flat: float = 0.0
     cap: float = 1.0  # in an audit, a cut's epochs are at most this many times ``epochs`` (the ledger's cap)
     beta2: float = 0.999  # Adam's second-moment decay (attacks.training.TrainConfig.betas)
+    map_width: int = 0  # the width of a spatial map's decoder (attacks.image.is_map; 0: ``width``), vectors keep ``width``
 
 
 # Measured on LeNet/MNIST (standard, 20 epochs, one run): Adam's beta2 at 0.95 instead of 0.999 takes conv1 from
@@ -80,7 +81,7 @@ class Budget:
 # 0.854 -> 0.880 and fc2 0.761 -> 0.795 (a constant 2e-3: 0.868 and 0.779; a constant 6e-4: 0.876 and 0.788).
 PROFILES = {
     "quick": Budget(32, 12, 2, 0, 0, 64, 3e-3, flat=0.01, cap=2.0, beta2=0.95),
-    "standard": Budget(32, 20, 4, 1, 1, 64, 2e-3, full_res=True, flat=0.005, cap=3.0, beta2=0.95),
+    "standard": Budget(32, 20, 4, 1, 1, 64, 2e-3, full_res=True, flat=0.005, cap=3.0, beta2=0.95, map_width=64),
     "thorough": Budget(64, 60, 6, 3, 2, 32, 1e-3, full_res=True, flat=0.005, cap=2.0, beta2=0.95),
 }
 
@@ -187,7 +188,9 @@ class DecoderAttack(Attack):
         self.extensions = b.extensions if self.config.extensions < 0 else self.config.extensions
         self.batch_size = self.config.batch_size or b.batch
         self.lr = self.config.lr or b.lr
-        self.width = self.config.width or b.width
+        # (anything else, a spatial map): the widths a network is built with (``width_for``); ``width`` is the one it was
+        self._widths = (self.config.width or b.width, self.config.width or b.map_width or b.width)
+        self.width = self._widths[0]
         self.epochs = self.config.epochs or b.epochs
         self.patience = b.patience
         self.min_steps = 0 if self.config.epochs else b.min_steps
@@ -206,6 +209,15 @@ class DecoderAttack(Attack):
             return None
         return b.epochs, b.cap
 
+    def width_for(self, act_shape: tuple[int, ...]) -> int:
+        """The decoder's width at an activation of this shape: the profile's ``map_width`` for a spatial map,
+        its ``width`` for anything else (a vector, a sequence). A map decoder's convolutions at width 64 run at
+        63-88% of this machine's fp32 peak against 26-37% at 32 and train no worse per second; a vector
+        decoder's extra width buys nothing at equal time (docs/efficiency.md)."""
+        from splitaudit.attacks.image import is_map
+
+        return self._widths[is_map(tuple(act_shape))]
+
     def _normalize(self, z):
         return get_modality(self.modality).standardized(z, self.mean, self.std)
 
@@ -223,7 +235,7 @@ class DecoderAttack(Attack):
     def epoch_flops(self, act_shape: tuple[int, ...], x_aux: torch.Tensor, modality) -> float | None:
         """Training FLOPs of one epoch on ``x_aux`` (forward and backward, as torch's flop counter counts one
         step, times the training samples); None where they cannot be counted."""
-        return _epoch_flops(modality, tuple(act_shape), x_aux, width=self.width, full_res=self.full_res, val_fraction=self.val_fraction,
+        return _epoch_flops(modality, tuple(act_shape), x_aux, width=self.width_for(act_shape), full_res=self.full_res, val_fraction=self.val_fraction,
                             budget=modality.budget(self.profile))
 
     def fit(self, z_aux: torch.Tensor, x_aux: torch.Tensor, ctx: AttackContext) -> FitReport:
@@ -235,6 +247,7 @@ class DecoderAttack(Attack):
         resume = init is not None and getattr(self, "_resume", False)
         if (own := modality.budget(self.profile)) is not None:  # a modality with budgets of its own (text)
             self._apply(own)
+        self.width = self.width_for(tuple(z_aux.shape[1:]))  # what the net is built with, and saved with
         n = z_aux.shape[0]
         perm = torch.randperm(n, generator=gen).to(z_aux.device)
         n_val = max(1, int(round(n * self.val_fraction)))

@@ -117,6 +117,12 @@ def _stride(n_in: int, n_act: int) -> float:
     return 2.0 ** math.floor(math.log2(n_in * OVERSHOOT / n_act))
 
 
+def is_map(act_shape: tuple[int, ...]) -> bool:
+    """A spatial activation (channels x height x width, both at least 3) that :class:`InverseNet` decodes as a map:
+    placed on the input's grid and convolved. Anything else (a vector, a map under 3x3) goes through a dense stem."""
+    return len(act_shape) == 3 and min(act_shape[1:]) >= 3
+
+
 class _Fit(nn.Module):
     """Parameter-free: a centred zero pad (or crop) to ``size``, then a pixel unshuffle by ``k``."""
 
@@ -170,7 +176,7 @@ class InverseNet(nn.Module):
         self.bf16 = bf16  # bfloat16 autocast where the hardware has it (:func:`splitaudit.attacks.base.fast_autocast`)
         c_out, h_out, w_out = input_shape
         self.out_hw = (h_out, w_out)
-        spatial = len(act_shape) == 3 and min(act_shape[1:]) >= 3
+        spatial = is_map(tuple(act_shape))
         stride = (_stride(h_out, act_shape[1]), _stride(w_out, act_shape[2])) if spatial else (math.inf, math.inf)
         fine = max(stride) <= 1  # at the input's resolution or finer
         self.r = 2 if h_out >= 8 and w_out >= 8 and not (full_res and fine) else 1

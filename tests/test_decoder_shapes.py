@@ -248,3 +248,19 @@ def test_the_decoder_returns_float32_images_in_either_precision():
         net = InverseNet((120,), MNIST, 16, bf16=bf16).to(memory_format=torch.channels_last)
         y = net(z)
         assert y.dtype == torch.float32 and y.shape == (4, *MNIST)
+
+
+def test_the_standard_profile_decodes_maps_wider_than_vectors_and_a_refit_does_not_carry_the_width_over():
+    from splitaudit.attacks.base import AttackContext, make_attack
+
+    attack = make_attack("decoder", profile="standard", params={"epochs": 1})
+    assert attack.width_for((8, 6, 6)) == 64 and attack.width_for((16,)) == 32 and attack.width_for((8, 2, 2)) == 32
+    x = torch.rand(40, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    for act, width in (((8, 6, 6), 64), ((16,), 32)):  # the same object fitted at a map, then at a vector
+        z = torch.randn(40, *act, generator=torch.Generator().manual_seed(1))
+        attack.fit(z, x, AttackContext((1, 12, 12), act, "standard", torch.Generator().manual_seed(0)))
+        assert attack.width == width and attack.state()["width"] == width
+        built = {k: v.shape for k, v in attack.net.state_dict().items()}
+        assert built == {k: v.shape for k, v in InverseNet(act, (1, 12, 12), width, full_res=True).state_dict().items()}
+    assert make_attack("decoder", profile="standard", params={"width": 48}).width_for((8, 6, 6)) == 48  # an explicit width is kept
+    assert make_attack("decoder", profile="quick").width_for((8, 6, 6)) == 32
