@@ -248,6 +248,13 @@ def _lookup(vocab: torch.Tensor, size: int) -> torch.Tensor:
     return table
 
 
+def _top(logits: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest logit, the first on a tie, as ``argmax``; ``max(...).indices`` because CPU
+    ``argmax`` on bfloat16 logits (the classifier under autocast) takes 6x as long (0.27 s against 0.046 s for
+    20,000 positions x 3,940 tokens, one thread): a tenth of an adaptive refinement job."""
+    return logits.max(dim=-1).indices
+
+
 class TextInverter(nn.Module):
     """Hidden states (N, L, d) or a pooled vector (N, d) -> per-position features -> token classes.
 
@@ -361,10 +368,10 @@ class TextInverter(nn.Module):
             if self.sequence:
                 sent = zb.ne(0).any(dim=-1)
                 ids = torch.zeros(f.shape[:2], dtype=torch.int64, device=z.device)
-                ids[sent] = vocab[self.logits(f[sent]).argmax(dim=-1)]
+                ids[sent] = vocab[_top(self.logits(f[sent]))]
                 out.append(ids)
             else:
-                out.append(vocab[self.logits(f).argmax(dim=-1)])
+                out.append(vocab[_top(self.logits(f))])
         ids = torch.cat(out) if out else torch.zeros(0, self.L, dtype=torch.int64, device=z.device)
         return torch.stack([ids, torch.zeros_like(ids)], dim=1)  # the layout of the inputs: (N, 2, L)
 
