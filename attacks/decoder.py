@@ -188,7 +188,8 @@ class DecoderAttack(Attack):
         self.extensions = b.extensions if self.config.extensions < 0 else self.config.extensions
         self.batch_size = self.config.batch_size or b.batch
         self.lr = self.config.lr or b.lr
-        # (anything else, a spatial map): the widths a network is built with (``width_for``); ``width`` is the one it was
+        # The widths a network is built with, (anything but a spatial map, a spatial map) (``width_for``); ``width`` is
+        # the one the fitted network has (set by ``fit`` and ``load_state``).
         self._widths = (self.config.width or b.width, self.config.width or b.map_width or b.width)
         self.width = self._widths[0]
         self.epochs = self.config.epochs or b.epochs

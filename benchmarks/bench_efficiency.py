@@ -457,9 +457,9 @@ def attribute(t0: float, t1: float, layers: list[tuple[str, list[tuple[float, fl
 def run_demo(profile: str, workers: int) -> tuple[Probe, float, float, float, dict, str]:
     from splitaudit.cli import DEMO_DEFENSES, keep_freed_memory
     from splitaudit.runner import AuditConfig, run_audit
+    from splitaudit.writer import write
 
     keep_freed_memory()  # as the console script does
-    from splitaudit.writer import write
 
     with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
         command = f"splitaudit demo --profile {profile} --workers {workers} --cache-dir {cache} --out {out}"
