@@ -96,9 +96,13 @@ def _standardizer(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         mean = z.mean(dim=dims, keepdim=True)
         std = z.std(dim=dims, keepdim=True)
-    # Constant (dead) features: std at float rounding level relative to their own magnitude. A feature
-    # with a legitimately small scale next to a large one is kept: each is judged on its own.
-    floor = 1e-6 * mean.abs() + 1e-12
+    # Constant (dead) features: std at float rounding level relative to their own magnitude, or negligible
+    # (under 1e-6) next to the typical feature's (the median std). MiniLM's last block and its pooled embedding
+    # have one feature that is about 1e-7 everywhere (std 7e-9, where the median is 0.3): divided by its own
+    # std, the slightest noise on it standardized to 1e6, and an attacker trained without the noise named
+    # two tokens everywhere (0.0001 of the tokens at noise sigma=0.05). A feature with a small scale next to a
+    # large one, but not negligible next to the typical one, is kept.
+    floor = torch.maximum(1e-6 * mean.abs(), 1e-6 * std.flatten().median()) + 1e-12
     std = torch.where(std > floor, std, torch.ones_like(std))
     return mean[:1] if z.dim() >= 3 else mean, std[:1] if z.dim() >= 3 else std
 

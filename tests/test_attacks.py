@@ -30,6 +30,19 @@ def test_standardizer_gives_unit_scale_and_keeps_dead_channels_at_zero():
     assert torch.all(zn[:, 2] == 0)
 
 
+def test_standardizer_treats_a_feature_negligible_next_to_the_others_as_dead():
+    """A feature that is ~1e-7 everywhere (as in MiniLM's last block) must not blow noise up by 1e8."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 8, 6, generator=gen) * 0.3
+    z[..., 0] = -1e-7 + 1e-8 * torch.randn(200, 8, generator=gen)  # near-constant, far below the others' scale
+    z[..., 1] *= 1e-3  # small, but not negligible: kept
+    mean, std = _standardizer(z)
+    assert float(std[..., 0]) == 1.0 and float(std[..., 1]) < 1e-2
+    noisy = z + 0.05 * torch.randn(z.shape, generator=gen)
+    assert float(((noisy - mean) / std)[..., 0].abs().max()) < 1.0
+    assert torch.allclose(((z - mean) / std)[..., 1:].std(dim=(0, 1)), torch.ones(5), atol=0.1)
+
+
 def _images(n, gen):
     """Smooth random images (structured enough to be invertible from a linear map)."""
     base = torch.rand(n, 1, 4, 4, generator=gen)
