@@ -315,7 +315,6 @@ class TextInverter(nn.Module):
         weights needs passes to learn its rare tokens (MiniLM's last block: 0.891 of the tokens after 2 epochs);
         started here, 2 epochs reach 0.931 and 3 the 0.942 that 4 reached from random weights. One forward pass
         over the aux texts' features, under a tenth of an epoch."""
-        table = self.table(u.device)
         feats, labels = [], []
         for i in range(0, u.shape[0], batch):
             xb = x[i : i + batch]
@@ -324,7 +323,7 @@ class TextInverter(nn.Module):
             f = self.features(ub[:, :n] if self.sequence else ub)[:, :n].float()
             mask = xb[:, 1, :n] != PAD
             ids = xb[:, 0, :n][mask]
-            y = torch.where(ids < table.numel(), table[ids.clamp_max(table.numel() - 1)], torch.full_like(ids, -1))
+            y = self.classes_of(ids)
             feats.append(f[mask][y >= 0])
             labels.append(y[y >= 0])
         f, y = torch.cat(feats), torch.cat(labels)
@@ -342,6 +341,11 @@ class TextInverter(nn.Module):
             self._table = _lookup(self.vocab, int(self.vocab.max()) + 1).to(device)
         return self._table
 
+    def classes_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Each token id's class in the attacker's vocabulary (-1: an id it never saw)."""
+        table = self.table(ids.device)
+        return torch.where(ids < table.numel(), table[ids.clamp_max(table.numel() - 1)], torch.full_like(ids, -1))
+
     def loss(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Cross-entropy at the positions that are not padding, computed there only (the classifier is
         the costly layer, and padding is about half the positions)."""
@@ -350,10 +354,7 @@ class TextInverter(nn.Module):
         f = self.features(u)[:, :n]
         mask = x[:, 1] != PAD
         ids = x[:, 0][mask]
-        table = self.table(ids.device)
-        target = table[ids.clamp_max(table.numel() - 1)]
-        target = torch.where(ids < table.numel(), target, torch.full_like(target, -1))
-        return F.cross_entropy(self.logits(f[mask]).float(), target, ignore_index=-1)
+        return F.cross_entropy(self.logits(f[mask]).float(), self.classes_of(ids), ignore_index=-1)
 
     @torch.no_grad()
     def predict(self, z: torch.Tensor) -> torch.Tensor:
