@@ -404,14 +404,12 @@ def predict_from(model: nn.Module, x: torch.Tensor, cut: str, z: torch.Tensor, t
     if x.shape[0] == 0:
         return [predict(model, x, batch_size=batch_size) for _ in transforms]
     batch_size = _batch(model, batch_size)
-    order = _length_order(model, x)
-    order = torch.arange(x.shape[0], device=x.device) if order is None else order
-    inverse = torch.argsort(order)
-    xo = x[order]
+    xo, restore = _by_length(model, x)
+    order = _length_order(model, x)  # the same order for the activations, after each transform has drawn its noise
     out = []
     for t in transforms:
-        zt = t(z)[order.to(z.device)]
+        zt = t(z) if order is None else t(z)[order.to(z.device)]
         preds = [_top1(model.forward_from(cut, zt[i : i + batch_size], xo[i : i + batch_size]), model)
                  for i in range(0, x.shape[0], batch_size)]
-        out.append(torch.cat(preds)[inverse.to(preds[0].device)])
+        out.append(restore(torch.cat(preds)))
     return out
