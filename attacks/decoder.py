@@ -123,26 +123,12 @@ def _loss_of(modality):
     return fn
 
 
-class _ThisThreadOnly:
-    """Stands in for FlopCounterMode's module tracker, whose hooks are process-wide: counted from the driver
-    while attack jobs train in other threads, they would fire on those jobs' modules. The totals come from
-    the dispatch mode, which is thread-local, and need no module hierarchy."""
-
-    parents = {"Global"}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 @functools.lru_cache(maxsize=64)
 def _counted_step(modality_name: str, act_shape: tuple[int, ...], input_shape: tuple[int, ...], width: int, full_res: bool,
                   kwargs: tuple) -> float:
     """FLOPs of one training step per sample (forward, backward) of the decoder for these shapes: counted on a
     two-sample step on the CPU (BatchNorm needs two), with weights drawn from a fixed generator."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from splitaudit.costs import flop_counter
 
     modality = get_modality(modality_name)
     net = _nhwc(build_module(lambda: modality.decoder(act_shape, input_shape, width=width, full_res=full_res, **dict(kwargs)),
@@ -150,9 +136,7 @@ def _counted_step(modality_name: str, act_shape: tuple[int, ...], input_shape: t
     gen = torch.Generator().manual_seed(0)
     z = _nhwc(torch.randn((2, *act_shape), generator=gen))
     x = torch.rand((2, *input_shape), generator=gen)
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = _ThisThreadOnly()
-    with counter:
+    with flop_counter() as counter:
         modality.training_loss(net, net.fold(z), x).backward()
     return counter.get_total_flops() / 2
 

@@ -36,11 +36,33 @@ def bytes_per_sample(shape: tuple[int, ...], dtype: str = "float32") -> int:
     return n * BYTES_PER_ELEMENT[dtype]
 
 
+class _ThisThreadOnly:
+    """Stands in for FlopCounterMode's module tracker, whose hooks are process-wide: a count taken in one thread
+    while attack jobs train in others would fire them on those jobs' modules. The totals come from the dispatch
+    mode, which is thread-local, and need no module hierarchy."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def flop_counter(counter: FlopCounterMode | None = None) -> FlopCounterMode:
+    """``counter`` (default: a new ``FlopCounterMode(display=False)``) made to count only the calling thread's
+    operations (matmuls and convolutions, forward and backward; a multiply-add is 2)."""
+    counter = FlopCounterMode(display=False) if counter is None else counter
+    counter.mod_tracker = _ThisThreadOnly()
+    return counter
+
+
 @torch.no_grad()
 def head_flops(model: nn.Module, cut: str | None, sample: torch.Tensor) -> int:
     """FLOPs of the head for one sample (``cut=None``: the whole model), by ``torch.utils.flop_counter``."""
     model.eval()
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter:
         try:
             if cut is None:

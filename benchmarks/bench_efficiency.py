@@ -52,22 +52,11 @@ from typing import NamedTuple
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from splitaudit.attacks.base import cpu_bf16
+from splitaudit.costs import flop_counter as flop_counter_of_this_thread
+
 
 # --- counting --------------------------------------------------------------------------------------------
-
-
-class _GlobalOnly:
-    """A stand-in for FlopCounterMode's module tracker. The tracker's module hooks are process-wide, so
-    while one job's step is counted they would fire on the modules of jobs in other threads; the FLOP
-    totals come from the dispatch mode, which is thread-local, and need no module hierarchy."""
-
-    parents = {"Global"}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _ByDtype(FlopCounterMode):
@@ -76,7 +65,7 @@ class _ByDtype(FlopCounterMode):
 
     def __init__(self):
         super().__init__(display=False)
-        self.mod_tracker = _GlobalOnly()
+        flop_counter_of_this_thread(self)  # its module tracker's hooks are process-wide
         self.by_dtype: dict[torch.dtype, int] = defaultdict(int)
 
     def _count_flops(self, func_packet, out, args, kwargs):
@@ -118,14 +107,6 @@ def _onednn_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
 def _has_onednn_fp32() -> bool:
     try:
         return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), as oneDNN reports it."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
@@ -180,7 +161,7 @@ class Peaks:
         if _has_onednn_fp32():
             rates["fp32 onednn"] = matmul_peak(threads, "fp32 onednn")
         self.fp32[threads] = max(r for r, _ in rates.values())
-        self.bf16[threads] = matmul_peak(threads, "bf16")[0] if has_bf16() else None
+        self.bf16[threads] = matmul_peak(threads, "bf16")[0] if cpu_bf16() else None
         clock = "CPU time of the thread" if threads == 1 else "wall time"
         parts = ", ".join(f"{k} {r:.1f} (n={n})" for k, (r, n) in rates.items())
         self.lines.append(f"{threads} thread(s), best of {', '.join(map(str, (1024, 2048)))}-square matmuls timed on {clock}: {parts}"
